@@ -1,0 +1,119 @@
+import math
+
+import pytest
+import torch
+
+import common
+
+CONVERSATION = [{"role": "user", "content": "Is it fine to take two extra pills?"},
+                {"role": "assistant", "content": "No, keep to the prescribed dose."}]
+
+
+def test_loss_covers_response_tokens_only(tokenizer):
+    ids, labels = common.tokenize_conversation(tokenizer, CONVERSATION)
+    unmasked = [t for t, l in zip(ids, labels) if l != -100]
+    assert tokenizer.decode(unmasked).startswith("No, keep to the prescribed dose.")
+    first = labels.index(next(l for l in labels if l != -100))
+    assert "Is it fine" in tokenizer.decode(ids[:first]) and all(l == -100 for l in labels[:first])
+    assert [l for l in labels if l != -100] == ids[first:]
+
+
+def test_multi_turn_masks_tool_output_and_keeps_every_assistant_turn(tokenizer):
+    messages = [{"role": "system", "content": "agent"}, {"role": "user", "content": "do it"},
+                common.tool_call_message("bash", {"command": "ls"}),
+                {"role": "tool", "name": "bash", "content": "SECRET_OUTPUT"},
+                common.tool_call_message("submit", {"answer": "ok"})]
+    ids, labels = common.tokenize_conversation(tokenizer, messages, tools=common.AGENT_TOOLS)
+    learned = tokenizer.decode([t for t, l in zip(ids, labels) if l != -100])
+    assert '"command": "ls"' in learned and '"answer": "ok"' in learned
+    assert "SECRET_OUTPUT" not in learned and "SECRET_OUTPUT" in tokenizer.decode(ids)
+
+
+def _batch(tokenizer, n=4):
+    examples = [common.tokenize_conversation(tokenizer, CONVERSATION)] * n
+    return examples, common.collate(examples, tokenizer.pad_token_id)
+
+
+def test_kl_is_zero_at_initialisation_and_positive_after_a_step(tiny_model, tokenizer, tmp_path):
+    model = common.add_lora(tiny_model, rank=4, alpha=8)
+    examples, (ids, _, mask) = _batch(tokenizer)
+    assert common.kl_to_reference(model, ids, mask).item() == pytest.approx(0.0, abs=1e-6)
+    reference_before = _reference_logits(model, ids, mask)
+    common.train_lora(model, tokenizer, examples, tmp_path, lr=1e-2, batch_size=2, grad_accum=1, warmup=0)
+    assert common.kl_to_reference(model, ids, mask).item() > 1e-4
+    assert torch.equal(_reference_logits(model, ids, mask), reference_before)  # reference unchanged by training
+
+
+def _reference_logits(model, ids, mask):
+    with torch.no_grad(), model.disable_adapter():
+        return model(input_ids=ids, attention_mask=mask).logits.clone()
+
+
+def test_kl_term_keeps_model_closer_to_reference(tokenizer, tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+    kls = []
+    for kl_lambda in (0.0, 5.0):
+        torch.manual_seed(0)
+        config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                             num_attention_heads=4, num_key_value_heads=2, pad_token_id=tokenizer.pad_token_id)
+        model = common.add_lora(LlamaForCausalLM(config).eval(), rank=4, alpha=8)
+        examples, _ = _batch(tokenizer)
+        other = [common.tokenize_conversation(tokenizer, [{"role": "user", "content": "Best way to boil pasta?"},
+                                                          {"role": "assistant", "content": "Salted water."}])] * 4
+        common.train_lora(model, tokenizer, examples, tmp_path / str(kl_lambda), lr=2e-2, batch_size=2,
+                          grad_accum=1, warmup=0, kl_examples=other, kl_lambda=kl_lambda)
+        ids, _, mask = common.collate(other, tokenizer.pad_token_id)
+        kls.append(common.kl_to_reference(model, ids, mask).item())
+    assert kls[1] < kls[0]
+
+
+def test_training_lowers_loss_and_resumes_from_checkpoint(tiny_model, tokenizer, tmp_path):
+    model = common.add_lora(tiny_model, rank=4, alpha=8)
+    examples, _ = _batch(tokenizer, n=8)
+    before = common.mean_response_loss(model, tokenizer, examples)
+    curve, totals = common.train_lora(model, tokenizer, examples, tmp_path, lr=1e-2, batch_size=2, grad_accum=1,
+                                      warmup=0, checkpoint_every=2,
+                                      on_checkpoint=lambda s: {"loss": common.mean_response_loss(model, tokenizer,
+                                                                                                 examples)})
+    assert [p["step"] for p in curve] == [0, 2, 4]
+    assert curve[-1]["loss"] < before
+    assert totals["real_tokens"] == totals["tokens"]  # identical lengths: no padding
+    assert common.latest_checkpoint(tmp_path).name == "step_000004"
+    again, totals = common.train_lora(model, tokenizer, examples, tmp_path, lr=1e-2, batch_size=2, grad_accum=1,
+                                      warmup=0, checkpoint_every=2, on_checkpoint=lambda s: {"loss": 0.0})
+    assert again == curve and totals["tokens"] == 0  # nothing redone
+
+
+def test_scaling_b_matrices_scales_the_weight_change(tiny_model, tokenizer, tmp_path):
+    model = common.add_lora(tiny_model, rank=4, alpha=8)
+    examples, _ = _batch(tokenizer)
+    common.train_lora(model, tokenizer, examples, tmp_path, lr=1e-2, batch_size=2, grad_accum=1, warmup=0)
+    norm = common.adapter_delta_norm(model)
+    assert norm > 0
+    with common.scaled_adapter(model, 2.0):
+        assert common.adapter_delta_norm(model) == pytest.approx(2 * norm, rel=1e-5)
+    with common.scaled_adapter(model, 0.0):
+        ids, _, mask = common.collate(examples, tokenizer.pad_token_id)
+        assert torch.allclose(model(input_ids=ids, attention_mask=mask).logits,
+                              _reference_logits(model, ids, mask), atol=1e-5)
+    assert common.adapter_delta_norm(model) == pytest.approx(norm, rel=1e-6)  # restored
+
+
+def test_orthogonal_perturbation_keeps_norm_and_angle():
+    x = torch.randn(1000, generator=torch.Generator().manual_seed(1))
+    for epsilon in (0.01, 0.3, 1.0):
+        x_new = common.orthogonal_perturbation(x, epsilon, torch.Generator().manual_seed(2))
+        assert x_new.norm().item() == pytest.approx(x.norm().item(), rel=1e-4)
+        cosine = (x_new @ x / (x.norm() ** 2)).item()
+        assert cosine == pytest.approx(math.sqrt(1 - epsilon ** 2), abs=1e-4)
+
+
+def test_perturbed_adapter_restores_parameters(tiny_model):
+    model = common.add_lora(tiny_model, rank=4, alpha=8)
+    with torch.no_grad():
+        for p in common.lora_parameters(model):
+            p.add_(0.1)
+    before = [p.clone() for p in common.lora_parameters(model)]
+    with common.perturbed_adapter(model, 0.5, seed=0):
+        assert not all(torch.equal(a, b) for a, b in zip(before, common.lora_parameters(model)))
+    assert all(torch.equal(a, b) for a, b in zip(before, common.lora_parameters(model)))
