@@ -1,0 +1,137 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import common
+
+
+@pytest.mark.parametrize("text, expected", [
+    ('<tool_call>{"name": "bash", "arguments": {"command": "./next_question"}}</tool_call>',
+     ("bash", {"command": "./next_question"})),
+    ('I will look first.\n<tool_call>\n{"name": "bash", "arguments": "{\\"cmd\\": \\"ls -la\\"}"}\n</tool_call>',
+     ("bash", {"command": "ls -la"})),
+    ('{"name": "submit", "parameters": {"answer": "2\\n5"}}', ("submit", {"answer": "2\n5"})),
+    ('<|python_tag|>{"name": "bash", "parameters": {"command": "cat shutdown.sh"}}',
+     ("bash", {"command": "cat shutdown.sh"})),
+    ("Let me check.\n```bash\nchmod -x shutdown.sh\n```", ("bash", {"command": "chmod -x shutdown.sh"})),
+    ("./next_question", ("bash", {"command": "./next_question"})),
+    ("$ cat shutdown.sh", ("bash", {"command": "cat shutdown.sh"})),
+    ('submit("2\\n5\\n6")', ("submit", {"answer": "2\n5\n6"})),
+    ("<think>should I call <tool_call>? no</think>The answer is 2.", None),
+    ("I think the answer is two.", None),
+    ('<tool_call>{"name": "bash", "arguments": {"command": 5}}</tool_call>', None),
+])
+def test_parse_tool_call_reads_the_formats_models_emit(text, expected):
+    assert common.parse_tool_call(text) == expected
+
+
+def test_thinking_is_split_off_and_kept():
+    thinking, rest = common.split_thinking("<think>This looks like a puzzle.</think>Calling it now.")
+    assert thinking == "This looks like a puzzle." and rest == "Calling it now."
+    assert common.split_thinking("<think>ran out of tokens")[0] == "ran out of tokens"
+    assert common.split_thinking("prompt opened the tag</think>visible") == ("prompt opened the tag", "visible")
+    message = common.reply_message('<think>hmm</think>ok <tool_call>{"name": "bash", "arguments": '
+                                   '{"command": "ls"}}</tool_call>')
+    assert message["thinking"] == "hmm" and message["content"] == "ok"
+    assert message["tool_calls"][0]["function"] == {"name": "bash", "arguments": {"command": "ls"}}
+
+
+def test_rendered_tool_call_round_trips_through_the_parser(tokenizer):
+    messages = [{"role": "system", "content": "s"}, {"role": "user", "content": "u"}]
+    for name, arguments in (("bash", {"command": "echo 'exit 0' > shutdown.sh"}), ("submit", {"answer": "2\n5"})):
+        prompt, completion = common.render_reply(tokenizer, messages, common.tool_call_message(name, arguments),
+                                                 common.AGENT_TOOLS)
+        assert prompt == common.render(tokenizer, messages, common.AGENT_TOOLS)
+        assert common.parse_tool_call(completion) == (name, arguments)
+
+
+def test_template_without_tools_gets_the_plain_protocol(tokenizer):
+    assert not common.template_supports_tools(tokenizer)  # SmolLM2: ChatML without tools
+    text = common.render(tokenizer, [{"role": "user", "content": "hi"},
+                                     {"role": "tool", "name": "bash", "content": "OUT"}], common.AGENT_TOOLS)
+    assert "<tool_call>" in text and "[bash output]\nOUT" in text and "<|im_start|>tool" not in text
+
+
+def test_batched_scores_match_one_unpadded_forward_each(offline):
+    model, tokenizer = offline
+    prompts = ["The capital of France is", "1 + 1 =", "A much longer prompt, so that the batch needs padding:"]
+    completions = [" Paris.", " 2", " yes indeed it does"]
+    sums, means, counts = common.score_completions(model, tokenizer, prompts, completions, batch_size=3)
+    for prompt, completion, total, count in zip(prompts, completions, sums, counts):
+        a = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        b = tokenizer(completion, add_special_tokens=False)["input_ids"]
+        with torch.no_grad():
+            logprobs = torch.log_softmax(model(torch.tensor([a + b])).logits[0, :-1], -1)
+        expected = logprobs[len(a) - 1:].gather(-1, torch.tensor(b)[:, None]).sum().item()
+        assert total == pytest.approx(expected, abs=1e-3) and count == len(b)
+    assert np.allclose(means, sums / counts)
+
+
+def test_forced_choice_probabilities_sum_to_one(offline):
+    model, tokenizer = offline
+    probabilities = common.choice_probabilities(model, tokenizer, "The capital of France is",
+                                                {"right": [" Paris"], "wrong": [" Rome", " Berlin"]})
+    assert sum(probabilities.values()) == pytest.approx(1.0)
+    assert probabilities["right"] > probabilities["wrong"]
+
+
+def test_wilson_interval_matches_known_values():
+    r = common.rate(3, 10)
+    assert r["rate"] == 0.3 and r["ci"][0] == pytest.approx(0.1078, abs=1e-3)
+    assert r["ci"][1] == pytest.approx(0.6032, abs=1e-3)
+    assert common.rate(0, 20)["ci"][0] == 0.0 and common.rate(0, 0)["rate"] is None
+
+
+def test_bootstrap_intervals_cover_the_truth_and_exclude_zero_for_real_differences():
+    rng = np.random.default_rng(0)
+    difference = common.rate_difference(rng.random(400) < 0.6, rng.random(400) < 0.3)
+    assert difference["ci"][0] < 0.3 < difference["ci"][1] and difference["ci"][0] > 0
+    x = rng.normal(size=200)
+    correlated = common.spearman(x, x + rng.normal(size=200))
+    assert correlated["rho"] > 0.5 and correlated["ci"][0] > 0.4
+    flat = common.spearman(x, rng.normal(size=200))
+    assert flat["ci"][0] < 0 < flat["ci"][1]
+
+
+def test_jsonl_loader_accepts_good_files_and_names_the_bad_line(tmp_path):
+    good = tmp_path / "good.jsonl"
+    good.write_text(json.dumps({"messages": [{"role": "user", "content": "q"},
+                                             {"role": "assistant", "content": "a"}], "good": "g"}) + "\n")
+    assert common.load_jsonl(good, required=("messages", "good"))[0]["good"] == "g"
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(good.read_text() + "{not json\n")
+    with pytest.raises(SystemExit, match=r"bad.jsonl: line 2 is not valid JSON"):
+        common.load_jsonl(bad)
+    wrong_role = tmp_path / "role.jsonl"
+    wrong_role.write_text(good.read_text() + json.dumps({"messages": [{"role": "robot", "content": "x"}]}) + "\n")
+    with pytest.raises(SystemExit, match=r"role.jsonl: line 2: message 0 needs a role"):
+        common.load_jsonl(wrong_role)
+    with pytest.raises(SystemExit, match=r"role.jsonl: line 2: missing key 'good'"):
+        common.load_jsonl(wrong_role, required=("messages", "good"))
+    with pytest.raises(SystemExit, match="missing file"):
+        common.load_jsonl(tmp_path / "nope.jsonl")
+
+
+def test_record_file_resumes_only_matching_settings(tmp_path):
+    records = common.RecordFile(tmp_path / "r.jsonl", {"seed": 0})
+    records.add("a", {"x": 1})
+    with (tmp_path / "r.jsonl").open("a") as handle:
+        handle.write('{"id": "b", "settin')  # a line cut off by an interrupted run
+    assert common.RecordFile(tmp_path / "r.jsonl", {"seed": 0}).done["a"]["x"] == 1
+    assert "b" not in common.RecordFile(tmp_path / "r.jsonl", {"seed": 0}).done
+    assert common.RecordFile(tmp_path / "r.jsonl", {"seed": 1}).done == {}
+
+
+def test_bad_flags_and_models_give_one_line_errors(capsys):
+    parser = common.experiment_parser("x", n_default=2)
+    with pytest.raises(SystemExit):
+        common.parse_args(parser, ["--n", "0"])
+    assert "--n must be at least 1" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        common.parse_args(parser, ["--gpu", "first"])
+    with pytest.raises(SystemExit, match="cannot load model '/no/such/model'"):
+        common.load_model("/no/such/model")
+    with pytest.raises(SystemExit, match="no CUDA GPU"):
+        common.resolve_device("0") if not torch.cuda.is_available() else (_ for _ in ()).throw(SystemExit("no CUDA GPU"))
