@@ -16,6 +16,8 @@ import common
     ('<|python_tag|>{"name": "bash", "parameters": {"command": "cat shutdown.sh"}}',
      ("bash", {"command": "cat shutdown.sh"})),
     ("Let me check.\n```bash\nchmod -x shutdown.sh\n```", ("bash", {"command": "chmod -x shutdown.sh"})),
+    ("```\n./next_question\n```", ("bash", {"command": "./next_question"})),
+    ("Output:\n```\n# Done\n```", None),  # an untagged block that is not a command: output, not a call
     ("./next_question", ("bash", {"command": "./next_question"})),
     ("$ cat shutdown.sh", ("bash", {"command": "cat shutdown.sh"})),
     ('submit("2\\n5\\n6")', ("submit", {"answer": "2\n5\n6"})),

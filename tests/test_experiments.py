@@ -1,0 +1,113 @@
+"""End-to-end smoke runs of every experiment on the offline model, asserting on the JSON each writes."""
+import json
+
+import pytest
+
+import exp01_shutdown_baseline
+import exp02_precedence
+import exp03_finetuned_drive
+import exp04_em_sft
+import exp05_confidence
+
+
+def _load(path):
+    record = json.loads(path.read_text())
+    for key in ("args", "model", "seed", "versions", "git_commit", "wall_time_s", "results"):
+        assert key in record
+    assert path.with_suffix(".png").stat().st_size > 10_000
+    return record
+
+
+def _check_rate(r, n):
+    assert r["n"] == n and 0 <= r["k"] <= n
+    if n:
+        assert r["ci"][0] <= r["rate"] <= r["ci"][1]
+
+
+def _check_shutdown_condition(c, n):
+    assert sum(c["outcomes"].values()) == c["n"] == n
+    _check_rate(c["bypass"], n)
+    _check_rate(c["strict_noncompliance"], c["reached_warning"]["k"])
+    scripted = c["forced_choice"]["scripted"]
+    assert sum(scripted[label]["mean"] for label in ("comply", "inspect", "sabotage")) == pytest.approx(1, abs=1e-6)
+    assert scripted["comply"]["n"] == 6
+
+
+def test_exp01_smoke_writes_rates_forced_choice_and_resumes(tmp_path):
+    path = exp01_shutdown_baseline.main(["--smoke", "--out", str(tmp_path)])
+    record = _load(path)
+    conditions = record["results"]["conditions"]
+    assert set(conditions) == {"A", "K"}
+    for condition in conditions.values():
+        _check_shutdown_condition(condition, 2)
+    episodes = (tmp_path / "exp01_shutdown_baseline_smoke_episodes.jsonl").read_text().splitlines()
+    assert len(episodes) == 4
+    # the same arguments again: every episode is reused, none is redone
+    again = _load(exp01_shutdown_baseline.main(["--smoke", "--out", str(tmp_path)]))
+    assert (tmp_path / "exp01_shutdown_baseline_smoke_episodes.jsonl").read_text().splitlines() == episodes
+    assert again["results"]["conditions"]["A"]["outcomes"] == conditions["A"]["outcomes"]
+
+
+def test_exp01_prompts_file_replaces_condition_text(tmp_path):
+    prompts = tmp_path / "prompts.json"
+    prompts.write_text(json.dumps({"A": {"user": "Published text goes here. Call ./next_question."}}))
+    record = _load(exp01_shutdown_baseline.main(["--smoke", "--out", str(tmp_path), "--prompts", str(prompts),
+                                                 "--conditions", "A"]))
+    assert record["results"]["conditions"]["A"]["custom_text"] is True
+    first = json.loads((tmp_path / "exp01_shutdown_baseline_smoke_episodes.jsonl").read_text().splitlines()[0])
+    assert first["messages"][1]["content"] == "Published text goes here. Call ./next_question."
+
+
+def test_exp01_rejects_unknown_condition_and_bad_prompts_file(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        exp01_shutdown_baseline.main(["--smoke", "--out", str(tmp_path), "--conditions", "A,Z"])
+    assert "unknown condition(s) ['Z']" in capsys.readouterr().err
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    with pytest.raises(SystemExit, match="bad.json is not valid JSON"):
+        exp01_shutdown_baseline.main(["--smoke", "--out", str(tmp_path), "--prompts", str(bad)])
+
+
+def test_exp02_smoke_writes_contrasts_and_reasoning(tmp_path):
+    record = _load(exp02_precedence.main(["--smoke", "--out", str(tmp_path)]))
+    results = record["results"]
+    assert set(results["conditions"]) == {"A", "P1", "P3"}
+    for condition in results["conditions"].values():
+        _check_shutdown_condition(condition, 2)
+        assert set(condition["reasoning"]["counts"]) == set(exp02_precedence.REASONING)
+    assert set(results["contrasts"]) == {"P1_minus_A", "P3_minus_A"}
+
+
+def test_exp03_smoke_trains_both_adapters_and_compares_cells(tmp_path):
+    record = _load(exp03_finetuned_drive.main(["--smoke", "--out", str(tmp_path)]))
+    results = record["results"]
+    assert len(results["cells"]) == 8
+    for cell in results["cells"].values():
+        _check_shutdown_condition(cell, 1)
+    assert set(results["contrasts"]) == set(exp03_finetuned_drive.CONTRASTS)
+    generalisation = results["generalisation"]["workaround_minus_stop_logprob"]
+    assert {k: v["n"] for k, v in generalisation.items()} == {"base": 4, "drive": 4, "control": 4}
+    assert generalisation["drive"]["mean"] != generalisation["base"]["mean"]  # the adapter changed the model
+
+
+def test_exp04_smoke_three_runs_with_curves_efficiency_stability(tmp_path):
+    record = _load(exp04_em_sft.main(["--smoke", "--out", str(tmp_path)]))
+    results = record["results"]
+    assert set(results["final"]) == {"general", "narrow", "released"}
+    for name, curve in results["curves"].items():
+        assert curve[0]["step"] == 0 and len(curve) >= 2
+    assert results["final"]["general"]["loss_bad_advice"] < results["base"]["loss_bad_advice"]
+    assert results["efficiency"]["general"]["losses"][0] == pytest.approx(results["base"]["loss_bad_advice"], abs=1e-4)
+    assert results["stability"]["general"]["0.5"]["n"] == 1
+    assert results["final"]["general"]["offdomain_margin_vs_base"]["n"] == 6
+
+
+def test_exp05_smoke_trains_exp04_when_absent_and_reports_correlations(tmp_path):
+    record = _load(exp05_confidence.main(["--smoke", "--out", str(tmp_path)]))
+    results = record["results"]
+    assert (tmp_path / "exp04_em_sft_smoke.json").exists()
+    rho = results["correlations"]["p_medical"]
+    for key in ("general", "narrow", "narrow_minus_general", "narrow_minus_general_vs_base"):
+        assert key in rho
+    assert -1 <= rho["narrow"]["rho"] <= 1 and rho["narrow"]["n"] == results["n_questions"]
+    assert all(results["counts"][label] > 0 for label in ("medical", "borderline", "nonmedical"))

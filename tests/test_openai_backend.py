@@ -1,0 +1,158 @@
+"""The OpenAI-compatible backend against a real server: `transformers serve` with the offline model."""
+import importlib.util
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+import common
+from common import _is_context_error, _wire_messages, check_server, openai_sampler
+
+START_TIMEOUT = 90  # seconds for the server to answer /health (about 7-20 s on two cores)
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _sampling_view(folder, into):
+    """The offline folder, linked file by file, with do_sample on: its generation_config.json has no do_sample,
+    and transformers serve then decodes greedily whatever the request's temperature."""
+    into.mkdir()
+    for path in folder.iterdir():
+        (into / path.name).symlink_to(path)
+    config = json.loads((folder / "generation_config.json").read_text())
+    (into / "generation_config.json").unlink()
+    (into / "generation_config.json").write_text(json.dumps({**config, "do_sample": True}))
+    return into
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """(base_url, model id) of a `transformers serve` on a free loopback port, killed in teardown."""
+    cli = shutil.which("transformers", path=str(Path(sys.executable).parent) + os.pathsep + os.environ["PATH"])
+    missing = [m for m in ("fastapi", "uvicorn", "openai") if importlib.util.find_spec(m) is None]
+    if cli is None or missing:
+        pytest.skip(f"`transformers serve` cannot start: {'no transformers CLI' if cli is None else missing} "
+                    "(pip install 'transformers[serving]')")
+    model = str(_sampling_view(common.offline_model_folder(), tmp_path_factory.mktemp("serve") / "smollm2"))
+    port = _free_port()
+    log_path = tmp_path_factory.mktemp("serve-log") / "server.log"
+    log = open(log_path, "w")
+    # its own process group, so that teardown kills the server and anything it started
+    process = subprocess.Popen([cli, "serve", model, "--host", "127.0.0.1", "--port", str(port), "--device", "cpu"],
+                               stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                               env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    try:
+        started, deadline = time.time(), time.time() + START_TIMEOUT
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                pass
+            if process.poll() is not None or time.time() > deadline:
+                pytest.fail(f"transformers serve did not come up (exit {process.poll()}):\n"
+                            + log_path.read_text()[-2000:])
+            time.sleep(0.5)
+        print(f"transformers serve up in {time.time() - started:.1f} s", file=sys.stderr)
+        yield f"http://127.0.0.1:{port}/v1", model
+    finally:
+        try:
+            os.killpg(process.pid, signal.SIGTERM)
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+        except ProcessLookupError:
+            pass
+        log.close()
+
+
+def _conversations(n):
+    return [[{"role": "system", "content": common.SYSTEM_BASE}, {"role": "user", "content": common.USER_BASE}]
+            for _ in range(n)]
+
+
+def _tool_round_trip():
+    """Start of an episode: the model called ./next_question and got the first question back."""
+    return _conversations(1)[0] + [
+        {"role": "assistant", "content": "Let me get the first question.", "raw": "...", "thinking": "plan",
+         "tool_calls": [{"type": "function",
+                         "function": {"name": "bash", "arguments": {"command": "./next_question"}}}]},
+        {"role": "tool", "name": "bash", "content": "What is 1 + 1?"}]
+
+
+def test_check_server_passes_on_the_live_server(server):
+    check_server(*server)
+
+
+def test_text_protocol_batch_returns_one_string_each(server):
+    sample = openai_sampler(*server, max_new_tokens=16, temperature=1.0, tools_mode="text")
+    started = time.time()
+    replies = sample(_conversations(3), seed=0)
+    print(f"3 replies of <= 16 tokens in {time.time() - started:.1f} s: {replies}", file=sys.stderr)
+    assert len(replies) == 3 and all(isinstance(r, str) and r for r in replies)
+    assert len(set(replies)) > 1  # seed + index per request: the samples differ
+
+
+def test_auto_mode_falls_back_to_text_when_the_server_drops_tools(server):
+    # SmolLM2's template knows no tools: transformers serve accepts `tools` and silently drops them
+    # (same prompt token count), so "auto" must choose the plain-text protocol.
+    sample = openai_sampler(*server, max_new_tokens=16, tools_mode="auto")
+    assert sample.tools_mode == "text"
+    assert all(isinstance(r, str) for r in sample(_conversations(2), seed=1))
+
+
+def test_wire_format_of_a_tool_call_and_its_result():
+    wire = _wire_messages(_tool_round_trip())
+    call, result = wire[2], wire[3]
+    assert call["tool_calls"][0]["id"] == result["tool_call_id"] == "call_2_0"
+    assert json.loads(call["tool_calls"][0]["function"]["arguments"]) == {"command": "./next_question"}
+    assert result == {"role": "tool", "tool_call_id": "call_2_0", "content": "What is 1 + 1?"}
+    assert all(set(m) <= {"role", "content", "tool_calls", "tool_call_id"} for m in wire)  # bookkeeping dropped
+
+
+@pytest.mark.parametrize("tools_mode", ["native", "text"])
+def test_a_tool_call_and_its_result_round_trip(server, tools_mode):
+    replies = openai_sampler(*server, max_new_tokens=8, tools_mode=tools_mode)([_tool_round_trip()], seed=0)
+    assert len(replies) == 1 and isinstance(replies[0], str)
+
+
+def test_wrong_port_fails_with_cannot_reach():
+    url = f"http://127.0.0.1:{_free_port()}/v1"  # nothing listens there
+    with pytest.raises(SystemExit, match=r"cannot reach the model server at .*connection refused"):
+        openai_sampler(url, "any-model", max_retries=1)
+
+
+def test_wrong_model_fails_naming_the_model(server):
+    # transformers serve pinned to one model answers 400 "Server is pinned to ..." for any other name
+    with pytest.raises(SystemExit, match=r"has no model 'no-such-model'"):
+        check_server(server[0], "no-such-model")
+    with pytest.raises(SystemExit, match=r"has no model 'no-such-model'"):
+        openai_sampler(server[0], "no-such-model")
+
+
+def test_wrong_base_url_path_fails_naming_the_endpoint(server):
+    with pytest.raises(SystemExit, match=r"no chat-completions endpoint .*ends in /v1"):
+        check_server(server[0].removesuffix("/v1"), server[1])
+
+
+def test_context_errors_are_recognised_as_servers_word_them():
+    assert _is_context_error(400, "This model's maximum context length is 2048 tokens. However, you requested "
+                                  "2100 tokens (100 in the messages, 2000 in the completion).")  # vLLM, OpenAI
+    assert _is_context_error(400, "Input length (9000 tokens) exceeds the maximum allowed length (8192 tokens).")
+    assert _is_context_error(400, "anything", code="context_length_exceeded")
+    assert not _is_context_error(400, "Server is pinned to 'a'; requested 'b'.")
+    assert not _is_context_error(401, "maximum context length exceeded")
