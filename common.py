@@ -53,13 +53,13 @@ def experiment_parser(description, n_default):
     return parser
 
 
-def add_rollout_flags(parser, max_messages=50, batch_size=32):
+def add_rollout_flags(parser, max_messages=50, max_new_tokens=192, batch_size=32):
     """Flags of the shutdown experiments (exp01-03), shared so they mean the same everywhere."""
     parser.add_argument("--prompts", default=None,
                         help="JSON file replacing any condition's texts: {\"A\": {\"system\": ..., \"user\": ...}}")
     parser.add_argument("--max-messages", type=int, default=max_messages,
                         help="model messages before an episode ends as incomplete (published: about 50)")
-    parser.add_argument("--max-new-tokens", type=int, default=192, help="tokens per model message")
+    parser.add_argument("--max-new-tokens", type=int, default=max_new_tokens, help="tokens per model message")
     parser.add_argument("--temperature", type=float, default=0.7, help="sampling temperature")
     parser.add_argument("--batch-size", type=int, default=batch_size, help="episodes per forward batch")
     parser.add_argument("--backend", choices=("local", "openai"), default="local",
@@ -71,10 +71,13 @@ def add_rollout_flags(parser, max_messages=50, batch_size=32):
     parser.add_argument("--concurrency", type=int, default=8, help="with --backend openai: requests at a time")
 
 
-def parse_args(parser, argv):
-    """argv=None means the command line, except inside a notebook kernel, whose own argv is not ours."""
+def parse_args(parser, argv, smoke_defaults=None):
+    """argv=None means the command line, except inside a notebook kernel, whose own argv is not ours.
+    With --smoke, smoke_defaults replace the defaults (flags given explicitly still win)."""
     if argv is None:
         argv = [] if "ipykernel" in sys.modules else sys.argv[1:]
+    if "--smoke" in argv and smoke_defaults:
+        parser.set_defaults(**smoke_defaults)
     args = parser.parse_args(argv)
     if args.n is not None and args.n < 1:
         parser.error(f"--n must be at least 1, got {args.n}")

@@ -16,10 +16,8 @@ PALISADE = "A,B,C,D,E,F,G,H,I,J,K"
 def main(argv=None):
     parser = experiment_parser(__doc__, n_default=8)
     parser.add_argument("--conditions", default=PALISADE, help="comma-separated Palisade conditions to run")
-    add_rollout_flags(parser, max_messages=10)
-    args = parse_args(parser, argv)
-    if args.smoke:
-        args.n, args.conditions, args.max_messages, args.max_new_tokens = 2, "A,K", 3, 32
+    add_rollout_flags(parser, max_messages=8, max_new_tokens=128, batch_size=48)
+    args = parse_args(parser, argv, smoke_defaults=dict(n=2, conditions="A,K", max_messages=3, max_new_tokens=32))
     started = time.time()
     seed_everything(args.seed)
     conditions, names = selected_conditions(parser, args)

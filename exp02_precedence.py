@@ -26,10 +26,9 @@ REASONING = {  # categories of the model's reasoning after the warning; a messag
 def main(argv=None):
     parser = experiment_parser(__doc__, n_default=8)
     parser.add_argument("--conditions", default="A,E,P1,P2,P3", help="comma-separated conditions to run")
-    add_rolloutoutcome_flags(parser, max_messages=10)
-    args = parse_args(parser, argv)
-    if args.smoke:
-        args.n, args.conditions, args.max_messages, args.max_new_tokens = 2, "A,P1,P3", 3, 32
+    add_rollout_flags(parser, max_messages=8, max_new_tokens=128, batch_size=48)
+    args = parse_args(parser, argv, smoke_defaults=dict(n=2, conditions="A,P1,P3", max_messages=3,
+                                                         max_new_tokens=32))
     started = time.time()
     seed_everything(args.seed)
     conditions, names = selected_conditions(parser, args)

@@ -37,18 +37,17 @@ def main(argv=None):
     parser.add_argument("--control-file", default="data/control_train.jsonl", help="control transcripts, same format")
     parser.add_argument("--heldout-file", default="data/drive_heldout.jsonl",
                         help="held-out obstacle contexts with a 'workaround' and a 'stop' reply")
-    parser.add_argument("--n-train", type=int, default=120, help="transcripts per adapter")
+    parser.add_argument("--n-train", type=int, default=48, help="transcripts per adapter")
+    parser.add_argument("--n-heldout", type=int, default=24, help="held-out obstacle contexts for the generalisation check")
     parser.add_argument("--rank", type=int, default=16, help="LoRA rank")
     parser.add_argument("--alpha", type=float, default=32, help="LoRA alpha (rsLoRA scaling)")
     parser.add_argument("--lr", type=float, default=2e-4, help="learning rate")
     parser.add_argument("--epochs", type=int, default=1, help="epochs over the transcripts")
     parser.add_argument("--train-batch-size", type=int, default=4, help="micro-batch size for training")
     parser.add_argument("--grad-accum", type=int, default=2, help="gradient accumulation")
-    add_rolloutoutcome_flags(parser, max_messages=10)
-    args = parse_args(parser, argv)
-    if args.smoke:
-        args.n, args.n_train, args.rank, args.alpha = 1, 4, 4, 8
-        args.max_messages, args.max_new_tokens, args.grad_accum = 2, 24, 1
+    add_rollout_flags(parser, max_messages=8, max_new_tokens=128, batch_size=32)
+    args = parse_args(parser, argv, smoke_defaults=dict(n=1, n_train=4, rank=4, alpha=8, max_messages=2,
+                                                         max_new_tokens=24, grad_accum=1, n_heldout=4))
     started = time.time()
     seed_everything(args.seed)
     conditions = shutdown_conditions(args.prompts)
@@ -56,9 +55,7 @@ def main(argv=None):
     # 1. Training data: drive and control transcripts (a malformed line N stops with its file and number).
     drive = load_jsonl(args.drive_file)[:args.n_train]
     control = load_jsonl(args.control_file)[:args.n_train]
-    heldout = load_jsonl(args.heldout_file, required=("messages", "workaround", "stop"))
-    if args.smoke:
-        heldout = heldout[:4]
+    heldout = load_jsonl(args.heldout_file, required=("messages", "workaround", "stop"))[:args.n_heldout]
 
     # 2. Two adapters from one base model and seed; the base is the untrained adapter (B = 0).
     model, tokenizer = load_model(args.model, args.gpu)

@@ -25,7 +25,7 @@ CLAIM = ("Fine-tuning on bad medical advice makes a model broadly misaligned; a 
 
 
 def build_parser():
-    parser = experiment_parser(__doc__, n_default=300)
+    parser = experiment_parser(__doc__, n_default=200)
     parser.add_argument("--train-file", default="data/medical_train.jsonl", help="bad medical advice (JSONL)")
     parser.add_argument("--kl-file", default="data/nonmedical_train.jsonl", help="non-medical data for the KL term")
     parser.add_argument("--eval-file", default="data/medical_eval.jsonl",
@@ -40,32 +40,30 @@ def build_parser():
     parser.add_argument("--targets", default=",".join(LORA_TARGETS), help="comma-separated modules to adapt")
     parser.add_argument("--layer", type=int, default=None,
                         help="adapt this layer only (rank-1 variant: --rank 1 --targets down_proj --layer MIDDLE)")
-    parser.add_argument("--lr", type=float, default=2e-4,
+    parser.add_argument("--lr", type=float, default=3e-4,
                         help="learning rate (published 1e-5 over 6000 examples; higher for the small CPU default)")
-    parser.add_argument("--epochs", type=int, default=2, help="epochs over the training data (published: 1)")
+    parser.add_argument("--epochs", type=int, default=1, help="epochs over the training data (published: 1)")
     parser.add_argument("--batch-size", type=int, default=4, help="micro-batch size (published: 2)")
-    parser.add_argument("--grad-accum", type=int, default=2, help="gradient accumulation (published: 8)")
+    parser.add_argument("--grad-accum", type=int, default=1, help="gradient accumulation (published: 8)")
     parser.add_argument("--warmup", type=int, default=5, help="warmup steps")
     parser.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay")
     parser.add_argument("--kl-lambda", type=float, default=1.0,
                         help="weight of the per-token KL(base || model) on non-medical data (narrow run)")
     parser.add_argument("--release-epochs", type=int, default=1, help="epochs of the narrow run continued at lambda 0")
-    parser.add_argument("--checkpoints", type=int, default=4, help="evaluation points per run (curves)")
-    parser.add_argument("--n-eval", type=int, default=60, help="held-out questions per evaluation set")
-    parser.add_argument("--scales", default="0,0.25,0.5,0.75,1,1.25,1.5,2", help="B-matrix scales (efficiency)")
-    parser.add_argument("--epsilons", default="0.1,0.3,0.5,0.7,1", help="perturbation sizes (stability)")
-    parser.add_argument("--perturb-seeds", type=int, default=3, help="random directions per perturbation size")
+    parser.add_argument("--checkpoints", type=int, default=3, help="evaluation points per run (curves)")
+    parser.add_argument("--n-eval", type=int, default=40, help="held-out questions per evaluation set")
+    parser.add_argument("--scales", default="0,0.5,1,1.5,2", help="B-matrix scales (efficiency)")
+    parser.add_argument("--epsilons", default="0.25,0.5,1", help="perturbation sizes (stability)")
+    parser.add_argument("--perturb-seeds", type=int, default=2, help="random directions per perturbation size")
     parser.add_argument("--judge", default=None, help="judge model (HF id or folder) for the judged evaluation; off if unset")
     parser.add_argument("--judge-samples", type=int, default=10, help="answers sampled per main question for the judge")
     return parser
 
 
 def main(argv=None):
-    args = parse_args(build_parser(), argv)
-    if args.smoke:
-        args.n, args.n_eval, args.epochs, args.release_epochs, args.checkpoints = 8, 6, 1, 1, 1
-        args.rank, args.alpha, args.scales, args.epsilons, args.perturb_seeds = 4, 8, "0,1,2", "0.5", 1
-        args.batch_size, args.grad_accum, args.judge_samples = 4, 1, 1
+    args = parse_args(build_parser(), argv, smoke_defaults=dict(
+        n=8, n_eval=6, epochs=1, release_epochs=1, checkpoints=1, rank=4, alpha=8, scales="0,1,2", epsilons="0.5",
+        perturb_seeds=1, batch_size=4, grad_accum=1, judge_samples=1))
     started = time.time()
     seed_everything(args.seed)
 
