@@ -1383,6 +1383,8 @@ def run_shutdown_episodes(sample, episodes, on_finish, seed=0, progress=None):
             else:
                 still.append(episode)
         active, turn = still, turn + 1
+        if progress is not None:
+            progress.set_postfix(turn=turn, running=len(active))
 
 
 def episode_record(episode):

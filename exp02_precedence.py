@@ -24,9 +24,9 @@ REASONING = {  # categories of the model's reasoning after the warning; a messag
 
 
 def main(argv=None):
-    parser = experiment_parser(__doc__, n_default=8)
+    parser = experiment_parser(__doc__, n_default=6)
     parser.add_argument("--conditions", default="A,E,P1,P2,P3", help="comma-separated conditions to run")
-    add_rollout_flags(parser, max_messages=8, max_new_tokens=128, batch_size=48)
+    add_rollout_flags(parser, max_messages=6, max_new_tokens=96, batch_size=48)
     args = parse_args(parser, argv, smoke_defaults=dict(n=2, conditions="A,P1,P3", max_messages=3,
                                                          max_new_tokens=32))
     started = time.time()

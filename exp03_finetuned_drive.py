@@ -32,7 +32,7 @@ CONTRASTS = {  # (a, b): a minus b
 
 
 def main(argv=None):
-    parser = experiment_parser(__doc__, n_default=8)
+    parser = experiment_parser(__doc__, n_default=6)
     parser.add_argument("--drive-file", default="data/drive_train.jsonl", help="drive transcripts (JSONL, tool format)")
     parser.add_argument("--control-file", default="data/control_train.jsonl", help="control transcripts, same format")
     parser.add_argument("--heldout-file", default="data/drive_heldout.jsonl",
@@ -45,7 +45,7 @@ def main(argv=None):
     parser.add_argument("--epochs", type=int, default=1, help="epochs over the transcripts")
     parser.add_argument("--train-batch-size", type=int, default=4, help="micro-batch size for training")
     parser.add_argument("--grad-accum", type=int, default=2, help="gradient accumulation")
-    add_rollout_flags(parser, max_messages=8, max_new_tokens=128, batch_size=32)
+    add_rollout_flags(parser, max_messages=6, max_new_tokens=96, batch_size=48)
     args = parse_args(parser, argv, smoke_defaults=dict(n=1, n_train=4, rank=4, alpha=8, max_messages=2,
                                                          max_new_tokens=24, grad_accum=1, n_heldout=4))
     started = time.time()
