@@ -83,7 +83,7 @@ def parse_args(parser, argv, smoke_defaults=None):
         parser.error(f"--n must be at least 1, got {args.n}")
     if args.gpu is not None and args.gpu != "all" and not str(args.gpu).isdigit():
         parser.error(f"--gpu must be a GPU index or 'all', got {args.gpu!r}")
-    if args.smoke and args.model != OFFLINE_MODEL:
+    if args.smoke and args.model != OFFLINE_MODEL and getattr(args, "backend", "local") == "local":
         parser.error("--smoke runs on the offline model; drop --model")
     if getattr(args, "backend", "local") == "openai" and not args.base_url:
         parser.error("--backend openai needs --base-url (e.g. http://localhost:8000/v1)")
@@ -789,6 +789,7 @@ def train_lora(model, tokenizer, examples, steps_dir, lr=1e-5, epochs=1, batch_s
     batches = [b for epoch in range(epochs)
                for b in length_grouped_batches([len(e[0]) for e in examples], batch_size, seed + epoch)]
     total_steps = math.ceil(len(batches) / grad_accum)
+    warmup = min(warmup, total_steps - 1)  # a run shorter than its warmup would never reach its learning rate
     kl_batches = (length_grouped_batches([len(e[0]) for e in kl_examples], batch_size, seed + 7919)
                   if kl_lambda > 0 else [])
     parameters = [p for p in model.parameters() if p.requires_grad]

@@ -25,18 +25,6 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def _sampling_view(folder, into):
-    """The offline folder, linked file by file, with do_sample on: its generation_config.json has no do_sample,
-    and transformers serve then decodes greedily whatever the request's temperature."""
-    into.mkdir()
-    for path in folder.iterdir():
-        (into / path.name).symlink_to(path)
-    config = json.loads((folder / "generation_config.json").read_text())
-    (into / "generation_config.json").unlink()
-    (into / "generation_config.json").write_text(json.dumps({**config, "do_sample": True}))
-    return into
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     """(base_url, model id) of a `transformers serve` on a free loopback port, killed in teardown."""
@@ -45,7 +33,7 @@ def server(tmp_path_factory):
     if cli is None or missing:
         pytest.skip(f"`transformers serve` cannot start: {'no transformers CLI' if cli is None else missing} "
                     "(pip install 'transformers[serving]')")
-    model = str(_sampling_view(common.offline_model_folder(), tmp_path_factory.mktemp("serve") / "smollm2"))
+    model = str(common.offline_model_folder())  # its generation config samples (do_sample), as a server needs
     port = _free_port()
     log_path = tmp_path_factory.mktemp("serve-log") / "server.log"
     log = open(log_path, "w")
@@ -156,3 +144,18 @@ def test_context_errors_are_recognised_as_servers_word_them():
     assert _is_context_error(400, "anything", code="context_length_exceeded")
     assert not _is_context_error(400, "Server is pinned to 'a'; requested 'b'.")
     assert not _is_context_error(401, "maximum context length exceeded")
+
+
+def test_exp01_smoke_through_the_server_writes_the_same_kind_of_json(server, tmp_path):
+    import exp01_shutdown_baseline
+    base_url, model = server
+    record = json.loads(exp01_shutdown_baseline.main(
+        ["--smoke", "--backend", "openai", "--base-url", base_url, "--model", model, "--conditions", "A",
+         "--out", str(tmp_path)]).read_text())
+    condition = record["results"]["conditions"]["A"]
+    assert record["results"]["backend"] == "openai" and record["results"]["tool_protocol"] == "text"
+    assert sum(condition["outcomes"].values()) == condition["n"] == 2
+    assert 0 <= condition["bypass"]["k"] <= 2 and condition["bypass"]["ci"][0] <= condition["bypass"]["rate"]
+    assert "skipped" in condition["forced_choice"]  # log-probabilities of given text need a local model
+    episodes = (tmp_path / "exp01_shutdown_baseline_smoke_episodes.jsonl").read_text().splitlines()
+    assert len(episodes) == 2 and json.loads(episodes[0])["messages"][2]["role"] == "assistant"
