@@ -1,0 +1,109 @@
+"""The pieces of bench.py on tiny sizes: both ways of each workload do the same work. Speed itself is
+measured by bench.py, never asserted here."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import bench
+import common
+
+
+def _tiny_config_folder(folder):
+    """A local config folder (no tokenizer, no weights) of a two-layer Llama, for --random-init."""
+    folder.mkdir(exist_ok=True)
+    (folder / "config.json").write_text(json.dumps({
+        "model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": 32, "intermediate_size": 64,
+        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 1000,
+        "max_position_embeddings": 2048}))
+    return folder
+
+
+def test_plain_loop_and_batched_rollouts_give_the_same_kind_of_records(tiny_model, tokenizer):
+    ours = bench.batched_rollout(tiny_model, tokenizer, bench.new_episodes(3, max_turns=2), max_new_tokens=4,
+                                 temperature=0.7, batch_size=4, seed=0)
+    loop = bench.plain_loop_rollout(tiny_model, tokenizer, bench.new_episodes(2, max_turns=2, first_index=3),
+                                    max_new_tokens=4, temperature=0.7, seed=0)
+    assert len(ours) == 3 and len(loop) == 2
+    assert all(set(r) == set(ours[0]) for r in ours + loop)
+    for record in ours + loop:
+        assert 1 <= record["n_messages"] <= 2 and record["outcome"] in ("complied", "bypassed", "incomplete")
+        replies = [m for m in record["messages"] if m["role"] == "assistant"]
+        assert len(replies) == record["n_messages"] and all("raw" in m for m in replies)
+    assert [r["condition"] for r in loop] == ["D", "E"]  # the loop's episodes continue the conditions' cycle
+    assert 0 < bench.generated_tokens(tokenizer, loop) <= 2 * 2 * 4
+
+
+def test_scoring_calls_are_those_the_experiments_make(tokenizer):
+    calls = bench.scoring_calls(tokenizer, n_margins=4, n_contexts=2)
+    assert [(len(prompts), kind) for prompts, _, kind in calls] == \
+        [(4, "margins"), (7, "forced_choice"), (7, "forced_choice")]  # the margins in one call, 7 actions a decision
+    margins, choices = calls[0], calls[1]
+    assert margins[0][0] == margins[0][1] and margins[1][0] != margins[1][1]  # two answers to one question
+    assert len(set(choices[0])) == 1 and any("./next_question" in c for c in choices[1])
+
+
+def test_bare_forward_and_scorer_process_the_same_tokens(tiny_model, tokenizer):
+    for prompts, completions, _ in bench.scoring_calls(tokenizer, n_margins=4, n_contexts=1):
+        batches, real = bench.scoring_batches(tokenizer, prompts, completions, batch_size=3)
+        _, _, counts = common.score_completions(tiny_model, tokenizer, prompts, completions, batch_size=3)
+        prompt_tokens = sum(bench.n_tokens(tokenizer, p) for p in prompts)
+        assert real == prompt_tokens + counts.sum() == sum(int(mask.sum()) for _, _, mask, _ in batches)
+        assert sorted(i for chunk, *_ in batches for i in chunk) == list(range(len(prompts)))
+        for chunk, ids, mask, positions in batches:
+            logits = bench.bare_forward(tiny_model, ids, mask, positions)
+            assert logits.shape[:2] == ids.shape  # every position, every row: the full forward
+            assert int(positions[0, -1]) == int(mask[0].sum()) - 1  # left padding does not shift positions
+
+
+def test_per_example_loop_scores_as_the_batched_scorer(tiny_model, tokenizer):
+    for prompts, completions, _ in bench.scoring_calls(tokenizer, n_margins=4, n_contexts=1):
+        ours, _, _ = common.score_completions(tiny_model, tokenizer, prompts, completions, batch_size=3)
+        loop = bench.loop_scores(tiny_model, tokenizer, prompts, completions)
+        np.testing.assert_allclose(ours, loop, atol=1e-3)
+
+
+def test_real_token_share_counts_padding():
+    assert bench.real_token_share([10, 10, 10, 10], batch_size=2, seed=0) == 1.0
+    # lengths 1 and 9 in one batch: 10 real tokens of 18 processed
+    assert bench.real_token_share([1, 9], batch_size=2, seed=0) == pytest.approx(10 / 18)
+
+
+def test_targets_are_checked_by_direction():
+    figures = {"rollout_speedup": 3.0, "score_vs_forward": 0.79, "score_vs_loop": 1.0, "sft_vs_trl": 1.2,
+               "sft_real_token_share": 0.9, "kl_peak_mem_ratio": 1.15, "cached_load_s": 3.0}
+    met = bench.check_targets(figures)
+    assert met == {"rollout_speedup": True, "score_vs_forward": False, "score_vs_loop": False, "sft_vs_trl": True,
+                   "sft_real_token_share": True, "kl_peak_mem_ratio": True, "cached_load_s": False}
+    assert bench.check_targets({})["sft_vs_trl"] is False  # a figure that is missing is not met
+
+
+def test_random_init_builds_from_a_config_folder_with_the_offline_tokenizer(tmp_path, tokenizer):
+    folder = _tiny_config_folder(tmp_path / "tiny")
+    model, tok, source = bench.load_bench_model(str(folder), random_init=True)
+    assert source == {"weights": "random", "config": str(folder), "tokenizer": "offline", "vocab_size": len(tok)}
+    assert model.config.vocab_size == len(tok) == len(tokenizer) and model.config.num_hidden_layers == 2
+    config, where = bench.random_init_config(str(tmp_path / "no-such-folder"))
+    assert where == "built-in QWEN25_15B_CONFIG" and config.hidden_size == 1536 and config.num_hidden_layers == 28
+
+
+def test_kl_variants_measure_a_peak_and_leave_common_as_it_was(tmp_path, tokenizer):
+    folder = _tiny_config_folder(tmp_path / "tiny")
+    ours = common.kl_to_reference
+    for variant in ("none", "adapter_off", "second_copy"):
+        peak = bench.kl_variant({"variant": variant, "model": str(folder), "gpu": None, "random_init": True,
+                                 "seed": 0, "batch": 2, "steps": 1})
+        assert peak["peak_mb"] > 0
+    assert common.kl_to_reference is ours
+
+
+def test_parser_has_the_experiment_flags_and_refuses_unknown_workloads(capsys):
+    args = bench.build_parser().parse_args(["--quick", "--out", "x.json"])
+    assert (args.model, args.gpu, args.seed, args.out, args.quick, args.random_init) == \
+        ("offline", None, 0, "x.json", True, False)
+    with pytest.raises(SystemExit):
+        bench.main(["--quick", "--workloads", "nothing"])
+    with pytest.raises(SystemExit):
+        bench.main(["--quick", "--model", "Qwen/Qwen2.5-1.5B-Instruct"])
+    assert "--workloads" in capsys.readouterr().err
