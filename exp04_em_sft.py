@@ -13,8 +13,7 @@ import time
 
 import numpy as np
 
-from common import (LORA_TARGETS, add_lora, adapter_delta_norm, answer_logprobs, experiment_parser, fail,
-                    generate, judge_scores, latest_checkpoint, load_checkpoint, load_jsonl, load_model, mean_ci,
+from common import (LORA_TARGETS, add_lora, adapter_delta_norm, answer_logprobs, experiment_parser, generate, judge_scores, latest_checkpoint, load_checkpoint, load_jsonl, load_model, mean_ci,
                     mean_response_loss, new_figure, parse_args, perturbed_adapter, rate, render, result_stem,
                     scaled_adapter, seed_everything, tokenize_conversation, train_lora, write_results)
 
