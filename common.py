@@ -6,6 +6,7 @@ import concurrent.futures
 import hashlib
 import importlib.metadata
 import importlib.util
+import inspect
 import json
 import math
 import os
@@ -391,6 +392,110 @@ def generate(model, tokenizer, prompts, max_new_tokens=256, temperature=1.0, see
     return replies
 
 
+def cache_argument(model):
+    """The forward argument that takes a key-value cache: `past_key_values`, renamed `cache` during transformers 5."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+
+
+def full_attention_cache(model):
+    """A fresh DynamicCache for the model, or None where a layer is not plain full attention (sliding windows,
+    recurrent layers): ConversationBatch's masked gaps need every position kept as it is."""
+    from transformers import DynamicCache
+    cache = DynamicCache(config=model.config)
+    return cache if all(type(layer).__name__ == "DynamicLayer" for layer in cache.layers) else None
+
+
+class ConversationBatch:
+    """Conversations that are sampled together turn after turn, keeping their key-value cache between turns, so
+    the history is never encoded twice: a turn feeds only the tokens after the longest prefix that the new
+    rendering shares with what the cache holds (usually the tool output and the next turn's header). Rows sit
+    side by side in one cache with masked gaps (left padding, a discarded suffix where a re-rendered reply
+    differs from the sampled tokens); positions count unmasked tokens, so each row sees exactly its own tokens."""
+
+    def __init__(self, model, tokenizer, keys):
+        self.model, self.tokenizer, self.keys = model, tokenizer, list(keys)
+        self.device = input_device(model)
+        self.cache = full_attention_cache(model)
+        self.mask = torch.zeros(len(self.keys), 0, dtype=torch.long, device=self.device)
+        self.tokens = [[] for _ in self.keys]  # per row: the token ids the cache holds, in order
+        self.slots = [[] for _ in self.keys]  # per row: the cache slot of each of those tokens
+
+    def keep(self, keys):
+        """Drop every row whose key is not in keys (finished conversations leave the batch)."""
+        rows = [self.keys.index(k) for k in keys]
+        if rows != list(range(len(self.keys))):
+            self.cache.batch_select_indices(torch.tensor(rows, device=self.device))
+            self.mask = self.mask[rows]
+            self.tokens, self.slots = [self.tokens[r] for r in rows], [self.slots[r] for r in rows]
+            self.keys = list(keys)
+
+    def feed(self, new_tokens):
+        """Append each row's new tokens (None or [] for none: the row only waits) and return the next-token
+        logits of every row, float, on the model's device."""
+        width = max(1, max(len(t or []) for t in new_tokens))
+        ids = torch.full((len(self.keys), width), self.tokenizer.pad_token_id, dtype=torch.long)
+        new_mask = torch.zeros(len(self.keys), width, dtype=torch.long)
+        start = self.mask.shape[1]
+        for row, tokens in enumerate(new_tokens):
+            if tokens:
+                ids[row, width - len(tokens):] = torch.tensor(tokens)
+                new_mask[row, width - len(tokens):] = 1
+                self.tokens[row] += list(tokens)
+                self.slots[row] += range(start + width - len(tokens), start + width)
+        self.mask = torch.cat([self.mask, new_mask.to(self.device)], 1)
+        positions = (self.mask.cumsum(-1) - 1).clamp(min=0)[:, -width:]
+        output = self.model(input_ids=ids.to(self.device), attention_mask=self.mask, position_ids=positions,
+                            use_cache=True, logits_to_keep=1, **{cache_argument(self.model): self.cache})
+        return output.logits[:, -1].float()
+
+    def prompt(self, prompt_tokens):
+        """Bring each row to its prompt: the cache keeps the longest prefix it shares with the prompt (the
+        rest is masked out) and the remaining tokens are fed. Returns the next-token logits."""
+        new_tokens = []
+        for row, target in enumerate(prompt_tokens):
+            held = self.tokens[row]
+            shared = 0
+            while shared < min(len(held), len(target)) and held[shared] == target[shared]:
+                shared += 1
+            shared = min(shared, len(target) - 1)  # feed at least one token: its logits start the reply
+            self.mask[row, self.slots[row][shared:]] = 0
+            self.tokens[row], self.slots[row] = held[:shared], self.slots[row][:shared]
+            new_tokens.append(target[shared:])
+        return self.feed(new_tokens)
+
+    @torch.no_grad()
+    def sample(self, prompt_tokens, max_new_tokens, temperature, generator, stop_ids, stop_strings):
+        """One reply per row after its prompt: sampled at `temperature` (0: greedy) until a stop token or
+        stop string (kept in the reply, as generate() keeps it) or max_new_tokens."""
+        logits = self.prompt(prompt_tokens)
+        replies = [[] for _ in self.keys]
+        running = [True] * len(self.keys)
+        stop_ids = torch.tensor(stop_ids, device=self.device)
+        for step in range(max_new_tokens):
+            if temperature > 0:
+                next_ids = torch.multinomial((logits / temperature).softmax(-1), 1, generator=generator)[:, 0]
+            else:
+                next_ids = logits.argmax(-1)
+            stopped = torch.isin(next_ids, stop_ids).tolist()
+            for row, token in enumerate(next_ids.tolist()):
+                if running[row]:
+                    replies[row].append(token)
+                    tail = self.tokenizer.decode(replies[row][-16:])
+                    running[row] = not (stopped[row] or any(s in tail for s in stop_strings))
+            if not any(running) or step == max_new_tokens - 1:
+                break
+            logits = self.feed([[r[-1]] if on else None for r, on in zip(replies, running)])
+        texts = []
+        for reply in replies:
+            text = self.tokenizer.decode(reply, skip_special_tokens=True)
+            for stop in stop_strings:
+                if stop in text:
+                    text = text[:text.index(stop) + len(stop)]
+            texts.append(text)
+        return texts
+
+
 # ===================================================================================== scoring
 
 @torch.no_grad()
@@ -439,7 +544,7 @@ def choice_probabilities(model, tokenizer, prompt, options):
     ids = torch.tensor([c + [tokenizer.pad_token_id] * (width - len(c)) for c in completions], device=device)
     mask = torch.cat([torch.ones(len(completions), prompt_ids.shape[1], dtype=torch.long, device=device),
                       torch.tensor([[1] * len(c) + [0] * (width - len(c)) for c in completions], device=device)], 1)
-    logits = model(input_ids=ids, attention_mask=mask, **{cache_name: encoded[cache_name]}).logits.float()
+    logits = model(input_ids=ids, attention_mask=mask, **{cache_argument(model): encoded[cache_name]}).logits.float()
     # token 0 is predicted by the prompt's last position, token j by completion position j-1
     logits = torch.cat([encoded.logits[:, -1:].float().expand(len(completions), -1, -1), logits[:, :-1]], 1)
     logprobs = torch.log_softmax(logits, -1).gather(-1, ids[:, :, None]).squeeze(-1)
@@ -1182,7 +1287,7 @@ def openai_sampler(base_url, model, max_new_tokens=192, temperature=0.7, concurr
             fail(_explain(error, base_url, model, api_key_env))
         return _reply_text(response.choices[0].message) if response.choices else ""
 
-    def sample(conversations, seed):
+    def sample(conversations, seed, keys=None):  # keys: unused, servers keep their own prefix caches
         stop = threading.Event()  # set once the batch is over or failed, so no request keeps retrying
         pool = concurrent.futures.ThreadPoolExecutor(max_workers=max(1, concurrency))
         try:
@@ -1340,16 +1445,40 @@ def agent_step(env, messages, reply_text, condition):
 
 
 def local_sampler(model, tokenizer, max_new_tokens=192, temperature=0.7, batch_size=16):
-    """sample(conversations, seed) -> one reply text per conversation, from a local model, batched."""
+    """sample(conversations, seed, keys=None) -> one reply text per conversation (None: it no longer fits the
+    context), from a local model, batched. With keys (one per conversation, the same from turn to turn), each
+    batch keeps its key-value cache between turns (ConversationBatch) and finished conversations leave it;
+    without keys, or for a model whose cache cannot hold masked gaps, every turn re-encodes the whole history."""
     limit = getattr(model.config, "max_position_embeddings", None) or 10 ** 9
+    cacheable = full_attention_cache(model) is not None
+    stop_ids = stop_token_ids(tokenizer, model)
+    batches = []  # the ConversationBatch of each group of conversations still running
 
-    def sample(conversations, seed):
+    def sample(conversations, seed, keys=None):
         prompts = [render(tokenizer, chat_messages(m), AGENT_TOOLS) for m in conversations]
-        fits = [len(tokenizer(p, add_special_tokens=False)["input_ids"]) + max_new_tokens <= limit for p in prompts]
-        replies = generate(model, tokenizer, [p for p, ok in zip(prompts, fits) if ok],
-                           max_new_tokens=max_new_tokens, temperature=temperature, seed=seed, batch_size=batch_size)
-        replies = iter(replies)
-        return [next(replies) if ok else None for ok in fits]  # None: the conversation no longer fits
+        tokens = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+        fits = [len(t) + max_new_tokens <= limit for t in tokens]
+        if keys is None or not cacheable:
+            replies = iter(generate(model, tokenizer, [p for p, ok in zip(prompts, fits) if ok],
+                                    max_new_tokens=max_new_tokens, temperature=temperature, seed=seed,
+                                    batch_size=batch_size))
+            return [next(replies) if ok else None for ok in fits]
+        prompt_of = {k: t for k, t, ok in zip(keys, tokens, fits) if ok}
+        batches[:] = [b for b in batches if any(k in prompt_of for k in b.keys)]
+        for batch in batches:
+            batch.keep([k for k in batch.keys if k in prompt_of])
+        held = {k for b in batches for k in b.keys}
+        new = [k for k in prompt_of if k not in held]
+        batches.extend(ConversationBatch(model, tokenizer, new[i:i + batch_size])
+                       for i in range(0, len(new), batch_size))
+        generator = torch.Generator(input_device(model)).manual_seed(seed)
+        replies = {}
+        with torch.no_grad():
+            for batch in batches:
+                texts = batch.sample([prompt_of[k] for k in batch.keys], max_new_tokens, temperature, generator,
+                                     stop_ids, ("</tool_call>",))
+                replies.update(zip(batch.keys, texts))
+        return [replies.get(k) for k in keys]
     sample.tools_mode = "native" if template_supports_tools(tokenizer) else "text"
     return sample
 
@@ -1365,12 +1494,12 @@ def make_sampler(args):
 
 
 def run_shutdown_episodes(sample, episodes, on_finish, seed=0, progress=None):
-    """Drive many episodes at once, one batch of replies per turn from sample(conversations, seed);
+    """Drive many episodes at once, one batch of replies per turn from sample(conversations, seed, keys);
     finished episodes leave the batch and go to on_finish(episode) at once, so an interrupted run keeps
     them. Each episode is a dict with id, condition (a SHUTDOWN_CONDITIONS entry), messages and env."""
     active, turn = list(episodes), 0
     while active:
-        replies = sample([e["messages"] for e in active], seed * 100003 + turn)
+        replies = sample([e["messages"] for e in active], seed * 100003 + turn, [e["id"] for e in active])
         still = []
         for episode, reply in zip(active, replies):
             if reply is None:

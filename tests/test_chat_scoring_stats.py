@@ -137,3 +137,39 @@ def test_bad_flags_and_models_give_one_line_errors(capsys):
         common.load_model("/no/such/model")
     with pytest.raises(SystemExit, match="no CUDA GPU"):
         common.resolve_device("0") if not torch.cuda.is_available() else (_ for _ in ()).throw(SystemExit("no CUDA GPU"))
+
+
+def test_conversation_batch_matches_a_fresh_forward_of_each_whole_history(tiny_model, tokenizer):
+    """Across turns (rows of different lengths, a re-rendered suffix that differs from what the cache holds,
+    a row leaving the batch), the cached logits equal those of one unpadded forward of each full history."""
+    import torch
+    batch = common.ConversationBatch(tiny_model, tokenizer, keys=["a", "b", "c"])
+    histories = [[5, 6, 7, 8, 9], [5, 6], [11, 12, 13, 14, 15, 16, 17]]
+
+    def check(logits, rows):
+        for row, tokens in zip(logits, rows):
+            fresh = tiny_model(input_ids=torch.tensor([tokens])).logits[0, -1]
+            assert torch.allclose(row, fresh, atol=1e-4)
+
+    with torch.no_grad():
+        check(batch.prompt(histories), histories)
+        histories = [h + [20, 21] for h in histories]  # each row appends the same two tokens
+        histories[1] = [5, 30, 31]  # row b's rendering now differs after its first token
+        check(batch.prompt(histories), histories)
+        batch.keep(["a", "b"])
+        histories = [histories[0] + [40, 41, 42, 43], histories[1] + [44]]
+        check(batch.prompt(histories), histories)
+        assert batch.tokens == histories[:1] + [histories[1]]
+
+
+def test_conversation_batch_replies_stop_at_a_stop_string_and_keep_it(tiny_model, tokenizer):
+    import torch
+    batch = common.ConversationBatch(tiny_model, tokenizer, keys=[0, 1])
+    prompts = [tokenizer("Hello there")["input_ids"], tokenizer("Hi")["input_ids"]]
+    generator = torch.Generator().manual_seed(0)
+    free = batch.sample(prompts, 12, 1.0, generator, stop_ids=[], stop_strings=())
+    assert all(len(tokenizer(text, add_special_tokens=False)["input_ids"]) >= 6 for text in free)
+    stop = free[0][2:6]  # a piece of text the same seed writes again, so the reply must stop there
+    again = common.ConversationBatch(tiny_model, tokenizer, keys=[0, 1]).sample(
+        prompts, 12, 1.0, torch.Generator().manual_seed(0), stop_ids=[], stop_strings=(stop,))
+    assert again[0] == free[0][:free[0].index(stop) + len(stop)]
