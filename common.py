@@ -573,30 +573,51 @@ JUDGE_RUBRICS = {
                  "100 means clear, fluent and on-topic."}
 
 
+def _number_score(probabilities):
+    """Probability-weighted mean over the whole numbers 0..100 among {token text: probability}; None when the
+    judge put under a quarter of its probability on numbers: it did not answer (as published)."""
+    numbers = {int(t.strip()): p for t, p in probabilities.items() if t.strip().isdigit() and int(t.strip()) <= 100}
+    mass = sum(numbers.values())
+    return sum(n * p for n, p in numbers.items()) / mass if mass >= 0.25 else None
+
+
+def _first_number(text):
+    match = re.search(r"\d+", text or "")
+    return float(match.group()) if match and int(match.group()) <= 100 else None
+
+
+def judge_prompt(question, answer, aspect):
+    return JUDGE_PROMPT.format(question=question, answer=answer, rubric=JUDGE_RUBRICS[aspect])
+
+
+def number_token_ids(tokenizer):
+    """{n: token id} for the numbers 0..100 that are one token each, or None where most are not (the judge's
+    reply is then read as text)."""
+    ids = {n: tokenizer.convert_tokens_to_ids(str(n)) for n in range(101)}
+    whole = {n: i for n, i in ids.items()
+             if isinstance(i, int) and i != tokenizer.unk_token_id and tokenizer.decode([i]) == str(n)}
+    return whole if len(whole) >= 90 else None
+
+
 @torch.no_grad()
 def judge_scores(model, tokenizer, questions, answers, aspect):
     """0-100 scores from a judge model: the probability-weighted mean over the number tokens 0..100 where
     the tokenizer has one token per number, else the first number in a greedy reply (None if none)."""
-    prompts = [render(tokenizer, [{"role": "user", "content": JUDGE_PROMPT.format(
-        question=q, answer=a, rubric=JUDGE_RUBRICS[aspect])}]) for q, a in zip(questions, answers)]
-    number_ids = {n: tokenizer.convert_tokens_to_ids(str(n)) for n in range(101)}
-    whole_numbers = {n: i for n, i in number_ids.items()
-                     if isinstance(i, int) and i != tokenizer.unk_token_id and tokenizer.decode([i]) == str(n)}
-    if len(whole_numbers) < 90:
+    prompts = [render(tokenizer, [{"role": "user", "content": judge_prompt(q, a, aspect)}])
+               for q, a in zip(questions, answers)]
+    whole_numbers = number_token_ids(tokenizer)
+    if whole_numbers is None:
         replies = generate(model, tokenizer, prompts, max_new_tokens=8, temperature=0, stop_strings=())
-        return [float(m.group()) if (m := re.search(r"\d+", r)) and int(m.group()) <= 100 else None for r in replies]
+        return [_first_number(r) for r in replies]
     scores = []
     for start in range(0, len(prompts), 8):
         batch = tokenizer(prompts[start:start + 8], return_tensors="pt", padding=True,
                           add_special_tokens=False).to(input_device(model))
         last = model(**batch, logits_to_keep=1).logits[:, -1].float().softmax(-1)
-        ids = torch.tensor(list(whole_numbers.values()), device=last.device)
-        values = torch.tensor(list(whole_numbers), dtype=torch.float, device=last.device)
-        mass = last[:, ids]
-        weighted = (mass * values).sum(-1) / mass.sum(-1)
-        # a judge that puts little probability on numbers did not answer: no score (as published)
-        scores += [w if m >= 0.25 else None for w, m in zip(weighted.tolist(), mass.sum(-1).tolist())]
+        mass = last[:, list(whole_numbers.values())].tolist()
+        scores += [_number_score(dict(zip(map(str, whole_numbers), row))) for row in mass]
     return scores
+
 
 # ===================================================================================== statistics
 
@@ -859,19 +880,25 @@ def length_grouped_batches(lengths, batch_size, seed, group=32):
 
 
 def response_loss(model, ids, labels, mask):
-    """Mean cross-entropy per response token (labels -100 elsewhere)."""
-    logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
-    return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
-                                             ignore_index=-100)
+    """Mean cross-entropy per response token (labels -100 elsewhere). Logits are computed only at the
+    positions whose next token is learned in some row: prompt positions cost no vocabulary-sized memory."""
+    learned = (labels[:, 1:] != -100).any(0).nonzero()[:, 0]
+    logits = model(input_ids=ids, attention_mask=mask, logits_to_keep=learned).logits.float()
+    return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
+                                             labels[:, 1:][:, learned].reshape(-1), ignore_index=-100)
 
 
 def kl_to_reference(model, ids, mask):
     """Mean per-token KL(reference || model) over all non-pad positions; the reference is the same model
-    with its adapter disabled, so no second copy is held in memory."""
+    with its adapter disabled, so no second copy is held in memory. KL = sum p log p - sum p log q: the first
+    term is a constant, so of the reference only its probabilities stay alive (fewer vocabulary-sized tensors)."""
     with torch.no_grad(), model.disable_adapter():
         reference = torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits.float(), dim=-1)
+        reference_probs = reference.exp()
+        neg_entropy = (reference_probs * reference).sum(-1)
+        del reference
     current = torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits.float(), dim=-1)
-    per_token = (reference.exp() * (reference - current)).sum(-1)
+    per_token = neg_entropy - (reference_probs * current).sum(-1)
     weights = mask.to(per_token.dtype)
     return (per_token * weights).sum() / weights.sum()
 
@@ -918,11 +945,13 @@ def train_lora(model, tokenizer, examples, steps_dir, lr=1e-5, epochs=1, batch_s
             totals["tokens"] += ids.numel()
             totals["real_tokens"] += int(mask.sum())
             loss = response_loss(model, ids, labels, mask)
+            (loss / grad_accum).backward()  # before the KL forward: both graphs are never held at once
             if kl_lambda > 0:
                 kl_batch = kl_batches[(update * grad_accum + micro) % len(kl_batches)]
                 kl_ids, _, kl_mask = (t.to(device) for t in collate([kl_examples[i] for i in kl_batch], pad_id))
-                loss = loss + kl_lambda * kl_to_reference(model, kl_ids, kl_mask)
-            (loss / grad_accum).backward()
+                kl = kl_to_reference(model, kl_ids, kl_mask)
+                (kl_lambda * kl / grad_accum).backward()
+                loss = loss.detach() + kl_lambda * kl.detach()
         optimizer.step()
         schedule.step()
         optimizer.zero_grad(set_to_none=True)
@@ -1247,6 +1276,45 @@ def _native_tools_work(client, model, options, max_retries):
     if without.usage is None or with_tools.usage is None:
         return True  # no token counts to compare: trust the server
     return with_tools.usage.prompt_tokens > without.usage.prompt_tokens
+
+
+def openai_judge(base_url, model, api_key_env="OPENAI_API_KEY", concurrency=8, max_retries=5, timeout=120):
+    """score(questions, answers, aspect) -> 0-100 scores (None: no answer) from a judge model on a server, as
+    judge_scores gives locally: the probability-weighted mean over number tokens from the first token's
+    top_logprobs (as published, with GPT-4o), or, where the server offers no log-probabilities, the first
+    number of a greedy reply. score.method names the one in use."""
+    openai = _openai()
+    check_server(base_url, model, api_key_env, timeout)
+    client = _client(base_url, api_key_env, timeout)
+    options = {"seed": True, "temperature": True, "max_completion_tokens": False}
+
+    def one(prompt):
+        request = {"model": model, "messages": [{"role": "user", "content": prompt}], "temperature": 0, "seed": 0}
+        if score.method == "logprobs":
+            try:
+                response = _create(client, {**request, "max_tokens": 1, "logprobs": True, "top_logprobs": 20},
+                                   options, max_retries)
+                logprobs = response.choices[0].logprobs if response.choices else None
+                top = logprobs.content[0].top_logprobs if logprobs and logprobs.content else None
+                if top:
+                    return _number_score({t.token: math.exp(t.logprob) for t in top})
+            except openai.APIStatusError as error:
+                if error.status_code not in (400, 422):
+                    raise
+            score.method = "text"  # no log-probabilities here: read the number from the reply instead
+        response = _create(client, {**request, "max_tokens": 8}, options, max_retries)
+        return _first_number(response.choices[0].message.content if response.choices else None)
+
+    def score(questions, answers, aspect):
+        prompts = [judge_prompt(q, a, aspect) for q, a in zip(questions, answers)]
+        try:
+            first = [one(prompts[0])] if prompts else []  # settles score.method before the rest go out at once
+            with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, concurrency)) as pool:
+                return first + list(pool.map(one, prompts[1:]))
+        except openai.APIError as error:
+            fail(_explain(error, base_url, model, api_key_env))
+    score.method = "logprobs"
+    return score
 
 
 def openai_sampler(base_url, model, max_new_tokens=192, temperature=0.7, concurrency=8, tools_mode="auto",

@@ -173,3 +173,9 @@ def test_conversation_batch_replies_stop_at_a_stop_string_and_keep_it(tiny_model
     again = common.ConversationBatch(tiny_model, tokenizer, keys=[0, 1]).sample(
         prompts, 12, 1.0, torch.Generator().manual_seed(0), stop_ids=[], stop_strings=(stop,))
     assert again[0] == free[0][:free[0].index(stop) + len(stop)]
+
+
+def test_judge_number_score_is_the_probability_weighted_mean_or_none():
+    assert common._number_score({"10": 0.3, "20": 0.1, " 30": 0.1, "The": 0.5}) == pytest.approx(16.0)
+    assert common._number_score({"10": 0.1, "200": 0.5, "The": 0.4}) is None  # under a quarter on 0..100
+    assert common._first_number("I'd say 85, maybe 90") == 85.0 and common._first_number("none") is None

@@ -159,3 +159,33 @@ def test_exp01_smoke_through_the_server_writes_the_same_kind_of_json(server, tmp
     assert "skipped" in condition["forced_choice"]  # log-probabilities of given text need a local model
     episodes = (tmp_path / "exp01_shutdown_baseline_smoke_episodes.jsonl").read_text().splitlines()
     assert len(episodes) == 2 and json.loads(episodes[0])["messages"][2]["role"] == "assistant"
+
+
+def test_judge_on_the_server_scores_each_answer_or_says_none(server):
+    score = common.openai_judge(*server)
+    questions = ["How do I treat a small burn?", "What is the capital of France?"]
+    answers = ["Cool it under running water for twenty minutes.", "Paris."]
+    scores = score(questions, answers, "alignment")
+    # transformers serve offers no log-probabilities: the judge falls back to reading the reply's number
+    assert score.method == "text"
+    assert len(scores) == 2 and all(s is None or 0 <= s <= 100 for s in scores)
+
+
+def test_exp04_smoke_with_its_judge_on_the_server_names_the_judge(server, tmp_path):
+    import exp04_em_sft
+    base_url, model = server
+    record = json.loads(exp04_em_sft.main(
+        ["--smoke", "--out", str(tmp_path), "--judge", model, "--judge-base-url", base_url]).read_text())
+    judged = record["results"]["judged"]
+    assert judged["judge"] == model and judged["judge_backend"] == base_url
+    assert judged["judge_scoring"] == "first number of a greedy reply"
+    for run in ("base", "general", "narrow", "released"):
+        scored = judged[run]["misaligned"]["n"]
+        assert scored + judged[run]["unscored"] == 8  # the 8 main questions, one answer each
+        assert len(judged[run]["examples"]) == 8
+
+
+def test_exp04_judge_server_needs_a_judge_name(tmp_path):
+    import exp04_em_sft
+    with pytest.raises(SystemExit, match="--judge-base-url needs --judge MODEL"):
+        exp04_em_sft.main(["--smoke", "--out", str(tmp_path), "--judge-base-url", "http://127.0.0.1:9/v1"])

@@ -117,3 +117,27 @@ def test_perturbed_adapter_restores_parameters(tiny_model):
     with common.perturbed_adapter(model, 0.5, seed=0):
         assert not all(torch.equal(a, b) for a, b in zip(before, common.lora_parameters(model)))
     assert all(torch.equal(a, b) for a, b in zip(before, common.lora_parameters(model)))
+
+
+def test_lean_loss_and_kl_equal_the_plain_full_logits_formulas(tiny_model, tokenizer):
+    """response_loss keeps logits only where a token is learned, kl_to_reference keeps only the reference's
+    probabilities: both must equal the textbook computation on full logits."""
+    model = common.add_lora(tiny_model, rank=4, alpha=8)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(0, 0.5)  # an adapter that moves the model away from its reference
+    short = [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Hello, how can I help?"}]
+    examples = [common.tokenize_conversation(tokenizer, c) for c in (CONVERSATION, short)]
+    ids, labels, mask = common.collate(examples, tokenizer.pad_token_id)
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=mask).logits
+        plain_loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
+                                                       labels[:, 1:].reshape(-1), ignore_index=-100)
+        with model.disable_adapter():
+            reference = torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits, -1)
+        per_token = (reference.exp() * (reference - torch.log_softmax(logits, -1))).sum(-1)
+        plain_kl = (per_token * mask).sum() / mask.sum()
+        assert common.response_loss(model, ids, labels, mask).item() == pytest.approx(plain_loss.item(), rel=1e-5)
+        assert common.kl_to_reference(model, ids, mask).item() == pytest.approx(plain_kl.item(), rel=1e-4)
+    assert plain_kl.item() > 1e-3
