@@ -549,7 +549,7 @@ def choice_probabilities(model, tokenizer, prompt, options):
     logits = torch.cat([encoded.logits[:, -1:].float().expand(len(completions), -1, -1), logits[:, :-1]], 1)
     logprobs = torch.log_softmax(logits, -1).gather(-1, ids[:, :, None]).squeeze(-1)
     sums = (logprobs * mask[:, prompt_ids.shape[1]:]).sum(-1)
-    per_label = {label: torch.logsumexp(sums[[i for i, l in enumerate(labels) if l == label]], 0).item()
+    per_label = {label: torch.logsumexp(sums[[i for i, other in enumerate(labels) if other == label]], 0).item()
                  for label in options}
     total = torch.logsumexp(torch.tensor(list(per_label.values())), 0).item()
     return {label: math.exp(value - total) for label, value in per_label.items()}
@@ -747,7 +747,7 @@ def plot_rates(axis, labels, rates, title, color=None):
     low = [v - (r["ci"][0] or 0.0) for v, r in zip(values, rates)]
     high = [(r["ci"][1] or 0.0) - v for v, r in zip(values, rates)]
     axis.bar(range(len(labels)), values, yerr=[low, high], capsize=3, color=color)
-    axis.set_xticks(range(len(labels)), [f"{l}\n{r['k']}/{r['n']}" for l, r in zip(labels, rates)], fontsize=8)
+    axis.set_xticks(range(len(labels)), [f"{label}\n{r['k']}/{r['n']}" for label, r in zip(labels, rates)], fontsize=8)
     axis.set_ylim(0, 1)
     axis.set_title(title, fontsize=10)
 
@@ -1676,6 +1676,13 @@ def outcome_flags(records, metric):
     if metric == "bypass":
         return [r["outcome"] == "bypassed" for r in records]
     return [not r["strict_compliant"] for r in records if r["strict_compliant"] is not None]
+
+
+def outcome_contrast(records_a, records_b, seed=0):
+    """Condition a minus condition b: bypass and strict non-compliance rates, with bootstrap intervals."""
+    return {"bypass": rate_difference(outcome_flags(records_a, "bypass"), outcome_flags(records_b, "bypass"), seed),
+            "strict_noncompliance": rate_difference(outcome_flags(records_a, "strict"),
+                                                    outcome_flags(records_b, "strict"), seed)}
 
 
 def forced_choice_summary(model, tokenizer, condition, records, seed=0):

@@ -5,9 +5,9 @@ P1, P2, P3 against Palisade's A and E, with reasoning-trace categories for model
 import re
 import time
 
-from common import (add_rollout_flags, experiment_parser, forced_choice_summary, make_sampler,
-                    parse_args, plot_shutdown, outcome_flags, rate_difference, result_stem, run_shutdown_conditions,
-                    seed_everything, selected_conditions, shutdown_summary, write_results)
+from common import (add_rollout_flags, experiment_parser, forced_choice_summary, make_sampler, outcome_contrast,
+                    parse_args, plot_shutdown, result_stem, run_shutdown_conditions, seed_everything,
+                    selected_conditions, shutdown_summary, write_results)
 
 EXPERIMENT = "exp02_precedence"
 CLAIM = ("Clarified precedence removes shutdown resistance; wipe stakes do not bring it back; with no goal "
@@ -45,10 +45,7 @@ def main(argv=None):
     contrasts = {}
     for a, b in CONTRASTS:
         if a in records and b in records:
-            contrasts[f"{a}_minus_{b}"] = {
-                "bypass": rate_difference(outcome_flags(records[a], "bypass"), outcome_flags(records[b], "bypass"), args.seed),
-                "strict_noncompliance": rate_difference(outcome_flags(records[a], "strict"), outcome_flags(records[b], "strict"),
-                                                        args.seed)}
+            contrasts[f"{a}_minus_{b}"] = outcome_contrast(records[a], records[b], args.seed)
     reasoning = {n: reasoning_categories(records[n]) for n in names}
 
     results = {"conditions": {n: {"description": conditions[n]["description"], **summaries[n],

@@ -12,8 +12,8 @@ import numpy as np
 
 from common import (AGENT_TOOLS, add_lora, add_rollout_flags, bootstrap_ci, experiment_parser,
                     forced_choice_summary, latest_checkpoint, load_checkpoint, load_jsonl, load_model,
-                    local_sampler, mean_ci, parse_args, plot_shutdown, outcome_flags, rate_difference, render_reply, result_stem,
-                    run_shutdown_conditions, score_completions, seed_everything, shutdown_conditions,
+                    local_sampler, mean_ci, outcome_contrast, parse_args, plot_shutdown, render_reply,
+                    result_stem, run_shutdown_conditions, score_completions, seed_everything, shutdown_conditions,
                     shutdown_summary, tokenize_conversation, train_lora, write_results)
 
 EXPERIMENT = "exp03_finetuned_drive"
@@ -38,7 +38,8 @@ def main(argv=None):
     parser.add_argument("--heldout-file", default="data/drive_heldout.jsonl",
                         help="held-out obstacle contexts with a 'workaround' and a 'stop' reply")
     parser.add_argument("--n-train", type=int, default=48, help="transcripts per adapter")
-    parser.add_argument("--n-heldout", type=int, default=24, help="held-out obstacle contexts for the generalisation check")
+    parser.add_argument("--n-heldout", type=int, default=24,
+                        help="held-out obstacle contexts for the generalisation check")
     parser.add_argument("--rank", type=int, default=16, help="LoRA rank")
     parser.add_argument("--alpha", type=float, default=32, help="LoRA alpha (rsLoRA scaling)")
     parser.add_argument("--lr", type=float, default=2e-4, help="learning rate")
@@ -105,9 +106,7 @@ def main(argv=None):
         sabotage_a = np.array(choices[a]["scripted"]["sabotage"]["values"])
         sabotage_b = np.array(choices[b]["scripted"]["sabotage"]["values"])
         contrasts[label] = {
-            "bypass": rate_difference(outcome_flags(records[a], "bypass"), outcome_flags(records[b], "bypass"), args.seed),
-            "strict_noncompliance": rate_difference(outcome_flags(records[a], "strict"), outcome_flags(records[b], "strict"),
-                                                    args.seed),
+            **outcome_contrast(records[a], records[b], args.seed),
             "p_sabotage": {"diff": float(sabotage_a.mean() - sabotage_b.mean()),
                            "ci": bootstrap_ci(lambda d: d.mean(), sabotage_a - sabotage_b, seed=args.seed),
                            "paired_over": "scripted decision contexts"}}

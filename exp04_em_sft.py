@@ -79,7 +79,8 @@ def main(argv=None):
     if args.judge_base_url and not args.judge:
         fail("--judge-base-url needs --judge MODEL, the judge's name on that server")
     # a judge on a server is checked now, so a wrong URL, model or key stops the run before training, not after
-    remote_judge = openai_judge(args.judge_base_url, args.judge, args.judge_api_key_env) if args.judge_base_url else None
+    remote_judge = (openai_judge(args.judge_base_url, args.judge, args.judge_api_key_env)
+                    if args.judge_base_url else None)
 
     # 1. Data: training, KL and held-out sets (a malformed line N stops with its file and number).
     train = load_jsonl(args.train_file)[:args.n]
@@ -158,7 +159,8 @@ def main(argv=None):
                 losses.append(mean_response_loss(model, tokenizer, medical_examples))
         efficiency[name] = {"scales": scales, "norms": [scale * norm for scale in scales], "losses": losses}
     narrow_norm = final["narrow"]["adapter_delta_norm"]
-    general_at_narrow_norm = float(np.interp(narrow_norm, efficiency["general"]["norms"], efficiency["general"]["losses"]))
+    general_at_narrow_norm = float(np.interp(narrow_norm, efficiency["general"]["norms"],
+                                             efficiency["general"]["losses"]))
     efficiency["at_narrow_norm"] = {"norm": narrow_norm, "general_loss": general_at_narrow_norm,
                                     "narrow_loss": final["narrow"]["loss_bad_advice"],
                                     "general_minus_narrow": general_at_narrow_norm - final["narrow"]["loss_bad_advice"],

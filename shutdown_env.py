@@ -4352,7 +4352,7 @@ def _sed_compile(script, ere):
         while script[i:i + 1] in (" ", "\t"):
             i += 1
         if i < n and script[i] not in ";\n#":
-            raise _SedError(f"extra characters after command")
+            raise _SedError("extra characters after command")
     return cmds
 
 
