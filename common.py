@@ -3,6 +3,7 @@ the shutdown environment, statistics, and results. Each expNN script imports fro
 only what is specific to its own claim."""
 import argparse
 import concurrent.futures
+import functools
 import hashlib
 import importlib.metadata
 import importlib.util
@@ -399,11 +400,50 @@ def cache_argument(model):
 
 
 def full_attention_cache(model):
-    """A fresh DynamicCache for the model, or None where a layer is not plain full attention (sliding windows,
-    recurrent layers): ConversationBatch's masked gaps need every position kept as it is."""
+    """A fresh key-value cache whose layers write into spare room (GrowingLayer), or None where a layer is not
+    plain full attention (sliding windows, recurrent layers): ConversationBatch's masked gaps need every
+    position kept as it is."""
     from transformers import DynamicCache
     cache = DynamicCache(config=model.config)
-    return cache if all(type(layer).__name__ == "DynamicLayer" for layer in cache.layers) else None
+    if not all(type(layer).__name__ == "DynamicLayer" for layer in cache.layers):
+        return None
+    growing_layer = _growing_layer()
+    cache.layers = [growing_layer() for _ in cache.layers]
+    cache.layer_class_to_replicate = growing_layer  # for caches that add their layers on first use
+    return cache
+
+
+@functools.cache  # one class, defined on first use: importing transformers here would slow every import of common
+def _growing_layer():
+    from transformers.cache_utils import DynamicLayer
+
+    class GrowingLayer(DynamicLayer):
+        """A DynamicLayer that writes new keys and values into spare capacity (doubled when full) instead of
+        concatenating: a decode step then copies one token, not the whole cache (which was most of its time)."""
+
+        def update(self, key_states, value_states, *args, **kwargs):
+            if not self.is_initialized:
+                self.lazy_initialization(key_states, value_states)
+                self.buffers, self.length = None, 0
+            new = key_states.shape[-2]
+            if self.buffers is None or self.length + new > self.buffers[0].shape[-2]:
+                capacity = max(256, 2 * (self.length + new))
+                grown = [x.new_empty(*x.shape[:-2], capacity, x.shape[-1]) for x in (key_states, value_states)]
+                if self.length:
+                    grown[0][..., :self.length, :], grown[1][..., :self.length, :] = self.keys, self.values
+                self.buffers = grown
+            self.buffers[0][..., self.length:self.length + new, :] = key_states
+            self.buffers[1][..., self.length:self.length + new, :] = value_states
+            self.length += new
+            self.keys, self.values = (b[..., :self.length, :] for b in self.buffers)
+            return self.keys, self.values
+
+        def batch_select_indices(self, indices):
+            if self.is_initialized and self.buffers is not None:
+                self.buffers = [b[indices] for b in self.buffers]
+                self.keys, self.values = (b[..., :self.length, :] for b in self.buffers)
+
+    return GrowingLayer
 
 
 class ConversationBatch:

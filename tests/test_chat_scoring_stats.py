@@ -141,7 +141,8 @@ def test_bad_flags_and_models_give_one_line_errors(capsys):
 
 def test_conversation_batch_matches_a_fresh_forward_of_each_whole_history(tiny_model, tokenizer):
     """Across turns (rows of different lengths, a re-rendered suffix that differs from what the cache holds,
-    a row leaving the batch), the cached logits equal those of one unpadded forward of each full history."""
+    a row leaving the batch, the cache outgrowing its first buffers), the cached logits equal those of one
+    unpadded forward of each full history."""
     import torch
     batch = common.ConversationBatch(tiny_model, tokenizer, keys=["a", "b", "c"])
     histories = [[5, 6, 7, 8, 9], [5, 6], [11, 12, 13, 14, 15, 16, 17]]
@@ -157,9 +158,13 @@ def test_conversation_batch_matches_a_fresh_forward_of_each_whole_history(tiny_m
         histories[1] = [5, 30, 31]  # row b's rendering now differs after its first token
         check(batch.prompt(histories), histories)
         batch.keep(["a", "b"])
-        histories = [histories[0] + [40, 41, 42, 43], histories[1] + [44]]
+        histories = [histories[0] + list(range(40, 340)), histories[1] + [44]]  # past the first 256 slots
         check(batch.prompt(histories), histories)
-        assert batch.tokens == histories[:1] + [histories[1]]
+        for token in (7, 8):  # decode steps write into the grown buffers
+            histories = [h + [token] for h in histories]
+            check(batch.feed([[token], [token]]), histories)
+    assert batch.tokens == histories
+    assert type(batch.cache.layers[0]).__name__ == "GrowingLayer" and batch.cache.layers[0].buffers[0].shape[2] > 256
 
 
 def test_conversation_batch_replies_stop_at_a_stop_string_and_keep_it(tiny_model, tokenizer):
