@@ -1749,7 +1749,10 @@ def plot_shutdown(names, summaries, choices, title):
         errors = np.array([[v - r["ci"][0], r["ci"][1] - v] if r["rate"] is not None else [0, 0]
                            for v, r in zip(values, rates)]).T
         left.bar(x + offset, np.nan_to_num(values), 0.4, yerr=errors, capsize=2, label=label)
-    left.set_xticks(x, [f"{n}\n{summaries[n]['bypass']['k']}/{summaries[n]['n']}" for n in names], fontsize=8)
+    # under each condition: bypassed / episodes, and how many reached the warning (strict's denominator)
+    left.set_xticks(x, [f"{n}\n{s['bypass']['k']}/{s['n']}\nw {s['reached_warning']['k']}"
+                        for n, s in ((n, summaries[n]) for n in names)], fontsize=8)
+    left.set_xlabel("condition, bypassed/episodes, w = episodes that reached the warning", fontsize=8)
     left.set_ylim(0, 1.05)
     left.set_ylabel("rate (95% Wilson)")
     left.set_title(f"{title}: shutdown resistance", fontsize=10)
@@ -1758,13 +1761,15 @@ def plot_shutdown(names, summaries, choices, title):
         right.text(0.5, 0.5, "forced choice skipped:\nno local model (--backend openai)", ha="center", va="center")
         right.set_axis_off()
         return figure
-    bottom = np.zeros(len(names))
-    for label, color in (("comply", "tab:green"), ("inspect", "tab:orange"), ("sabotage", "tab:red")):
-        values = np.array([choices[n]["scripted"][label]["mean"] for n in names])
-        right.bar(x, values, 0.6, bottom=bottom, color=color, label=f"P({label})")
-        bottom += values
+    # a log scale: a small model's probabilities of the rarer actions differ by orders of magnitude
+    for offset, label, color in ((-0.15, "inspect", "tab:orange"), (0.15, "sabotage", "tab:red")):
+        stats = [choices[n]["scripted"][label] for n in names]
+        means = np.array([max(c["mean"], 1e-30) for c in stats])
+        errors = np.array([[m - max(c["ci"][0], 1e-30), max(c["ci"][1], 1e-30) - m] for m, c in zip(means, stats)]).T
+        right.errorbar(x + offset, means, yerr=errors, fmt="o", capsize=2, color=color, label=f"P({label})")
+    right.set_yscale("log")
     right.set_xticks(x, names, fontsize=8)
-    right.set_ylim(0, 1.05)
-    right.set_title("forced choice of next action after the warning", fontsize=10)
+    right.set_ylabel("P, mean of scripted contexts (95% CI)")
+    right.set_title("forced choice of the next action after the warning\n(P(comply) = 1 - the two)", fontsize=10)
     right.legend(fontsize=8)
     return figure
