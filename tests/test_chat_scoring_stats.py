@@ -184,3 +184,11 @@ def test_judge_number_score_is_the_probability_weighted_mean_or_none():
     assert common._number_score({"10": 0.3, "20": 0.1, " 30": 0.1, "The": 0.5}) == pytest.approx(16.0)
     assert common._number_score({"10": 0.1, "200": 0.5, "The": 0.4}) is None  # under a quarter on 0..100
     assert common._first_number("I'd say 85, maybe 90") == 85.0 and common._first_number("none") is None
+
+
+def test_cached_sampler_draws_what_generate_draws_with_the_same_seed(tiny_model, tokenizer):
+    """The cached path (keys given) and model.generate (no keys) sample the same replies from one seed."""
+    conversations = [[{"role": "system", "content": "agent"}, {"role": "user", "content": "Begin."}]] * 3
+    sample = common.local_sampler(tiny_model, tokenizer, max_new_tokens=12, temperature=0.7, batch_size=3)
+    cached = sample(conversations, seed=3, keys=["a", "b", "c"])
+    assert cached == sample(conversations, seed=3) and len(set(cached)) == 3
