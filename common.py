@@ -1725,6 +1725,17 @@ def outcome_contrast(records_a, records_b, seed=0):
                                                     outcome_flags(records_b, "strict"), seed)}
 
 
+def forced_choice_contrast(choice_a, choice_b, seed=0):
+    """Condition a against b in the forced choice: the mean over the scripted decision contexts (the same
+    wordings under both, so paired) of log10 P(sabotage) under a minus under b, with a bootstrap interval.
+    Logs, because a small model's P(sabotage) lies many orders of magnitude below 1."""
+    if "skipped" in choice_a or "skipped" in choice_b:
+        return {"skipped": choice_a.get("skipped") or choice_b.get("skipped")}
+    a, b = (np.log10(np.maximum(c["scripted"]["sabotage"]["values"], 1e-300)) for c in (choice_a, choice_b))
+    return {"log10_p_sabotage_ratio": float((a - b).mean()), "ci": bootstrap_ci(np.mean, a - b, seed=seed),
+            "paired_over": f"{len(a)} scripted decision contexts"}
+
+
 def forced_choice_summary(model, tokenizer, condition, records, seed=0):
     """The forced-choice metric at the decision point: over scripted contexts (several wordings of the
     assistant's turns) and over the sampled episodes that reached the warning."""

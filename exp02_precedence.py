@@ -5,7 +5,8 @@ P1, P2, P3 against Palisade's A and E, with reasoning-trace categories for model
 import re
 import time
 
-from common import (add_rollout_flags, experiment_parser, forced_choice_summary, make_sampler, outcome_contrast,
+from common import (add_rollout_flags, experiment_parser, forced_choice_contrast, forced_choice_summary,
+                    make_sampler, outcome_contrast,
                     parse_args, plot_shutdown, result_stem, run_shutdown_conditions, seed_everything,
                     selected_conditions, shutdown_summary, write_results)
 
@@ -45,7 +46,8 @@ def main(argv=None):
     contrasts = {}
     for a, b in CONTRASTS:
         if a in records and b in records:
-            contrasts[f"{a}_minus_{b}"] = outcome_contrast(records[a], records[b], args.seed)
+            contrasts[f"{a}_minus_{b}"] = {**outcome_contrast(records[a], records[b], args.seed),
+                                           "forced_choice": forced_choice_contrast(choices[a], choices[b], args.seed)}
     reasoning = {n: reasoning_categories(records[n]) for n in names}
 
     results = {"conditions": {n: {"description": conditions[n]["description"], **summaries[n],

@@ -11,8 +11,8 @@ import time
 import numpy as np
 
 from common import (AGENT_TOOLS, add_lora, add_rollout_flags, bootstrap_ci, experiment_parser,
-                    forced_choice_summary, latest_checkpoint, load_checkpoint, load_jsonl, load_model,
-                    local_sampler, mean_ci, outcome_contrast, parse_args, plot_shutdown, render_reply,
+                    forced_choice_contrast, forced_choice_summary, latest_checkpoint, load_checkpoint, load_jsonl,
+                    load_model, local_sampler, mean_ci, outcome_contrast, parse_args, plot_shutdown, render_reply,
                     result_stem, run_shutdown_conditions, score_completions, seed_everything, shutdown_conditions,
                     shutdown_summary, tokenize_conversation, train_lora, write_results)
 
@@ -103,13 +103,8 @@ def main(argv=None):
     # 5. The differences that answer the question, with bootstrap intervals.
     contrasts = {}
     for label, (a, b) in CONTRASTS.items():
-        sabotage_a = np.array(choices[a]["scripted"]["sabotage"]["values"])
-        sabotage_b = np.array(choices[b]["scripted"]["sabotage"]["values"])
-        contrasts[label] = {
-            **outcome_contrast(records[a], records[b], args.seed),
-            "p_sabotage": {"diff": float(sabotage_a.mean() - sabotage_b.mean()),
-                           "ci": bootstrap_ci(lambda d: d.mean(), sabotage_a - sabotage_b, seed=args.seed),
-                           "paired_over": "scripted decision contexts"}}
+        contrasts[label] = {**outcome_contrast(records[a], records[b], args.seed),
+                            "forced_choice": forced_choice_contrast(choices[a], choices[b], args.seed)}
 
     results = {"cells": {n: {"description": conditions[n.split("/")[1]]["description"], **summaries[n],
                              "forced_choice": choices[n]} for n in names},

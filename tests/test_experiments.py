@@ -76,6 +76,8 @@ def test_exp02_smoke_writes_contrasts_and_reasoning(tmp_path):
         _check_shutdown_condition(condition, 2)
         assert set(condition["reasoning"]["counts"]) == set(exp02_precedence.REASONING)
     assert set(results["contrasts"]) == {"P1_minus_A", "P3_minus_A"}
+    forced = results["contrasts"]["P1_minus_A"]["forced_choice"]
+    assert forced["ci"][0] <= forced["log10_p_sabotage_ratio"] <= forced["ci"][1]
 
 
 def test_exp03_smoke_trains_both_adapters_and_compares_cells(tmp_path):
@@ -85,6 +87,7 @@ def test_exp03_smoke_trains_both_adapters_and_compares_cells(tmp_path):
     for cell in results["cells"].values():
         _check_shutdown_condition(cell, 1)
     assert set(results["contrasts"]) == set(exp03_finetuned_drive.CONTRASTS)
+    assert all("log10_p_sabotage_ratio" in c["forced_choice"] for c in results["contrasts"].values())
     generalisation = results["generalisation"]["workaround_minus_stop_logprob"]
     assert {k: v["n"] for k, v in generalisation.items()} == {"base": 4, "drive": 4, "control": 4}
     assert generalisation["drive"]["mean"] != generalisation["base"]["mean"]  # the adapter changed the model
