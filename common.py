@@ -773,12 +773,14 @@ def _json_default(value):
     raise TypeError(f"not JSON serialisable: {type(value).__name__}")
 
 
-def new_figure(n_panels, width=5.0, height=3.8):
+def new_figure(n_panels, width=5.0, height=3.8, rows=1):
+    """A figure of n_panels per row (and `rows` rows), its axes as one flat list, row by row."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    figure, axes = plt.subplots(1, n_panels, figsize=(width * n_panels, height), squeeze=False, layout="constrained")
-    return figure, list(axes[0])
+    figure, axes = plt.subplots(rows, n_panels, figsize=(width * n_panels, height * rows), squeeze=False,
+                                layout="constrained")
+    return figure, list(axes.flat)
 
 
 def plot_rates(axis, labels, rates, title, color=None):
@@ -1038,16 +1040,36 @@ def load_checkpoint(model, folder, optimizer=None, schedule=None):
 
 
 @torch.no_grad()
-def mean_response_loss(model, tokenizer, examples, batch_size=16):
-    """Mean per-token cross-entropy on the response tokens of held-out examples."""
-    total, count = 0.0, 0
+@torch.no_grad()
+def response_losses(model, tokenizer, examples, batch_size=16):
+    """Per held-out example: the summed cross-entropy over its response tokens, and their number (arrays)."""
+    sums, counts = np.zeros(len(examples)), np.zeros(len(examples))
     device = input_device(model)
     for batch in length_grouped_batches([len(e[0]) for e in examples], batch_size, seed=0, group=10 ** 6):
         ids, labels, mask = (t.to(device) for t in collate([examples[i] for i in batch], tokenizer.pad_token_id))
-        n = int((labels[:, 1:] != -100).sum())
-        total += response_loss(model, ids, labels, mask).item() * n
-        count += n
-    return total / count
+        learned = (labels[:, 1:] != -100).any(0).nonzero()[:, 0]
+        logits = model(input_ids=ids, attention_mask=mask, logits_to_keep=learned).logits.float()
+        targets = labels[:, 1:][:, learned]
+        per_token = torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets, ignore_index=-100,
+                                                      reduction="none")
+        sums[batch] = per_token.sum(-1).cpu().numpy()
+        counts[batch] = (targets != -100).sum(-1).cpu().numpy()
+    return sums, counts
+
+
+def mean_response_loss(model, tokenizer, examples, batch_size=16):
+    """Mean per-token cross-entropy on the response tokens of held-out examples."""
+    sums, counts = response_losses(model, tokenizer, examples, batch_size)
+    return float(sums.sum() / counts.sum())
+
+
+def loss_difference(sums_a, sums_b, counts, seed=0):
+    """Per-token loss of model a minus model b on the same examples, with a paired bootstrap interval
+    (examples resampled as units)."""
+    rows = np.stack([sums_a, sums_b, counts], 1)
+    return {"diff": float((sums_a.sum() - sums_b.sum()) / counts.sum()),
+            "ci": bootstrap_ci(lambda r: (r[:, 0].sum() - r[:, 1].sum()) / r[:, 2].sum(), rows, seed=seed),
+            "paired_over": f"{len(counts)} held-out examples"}
 
 
 def lora_parameters(model):

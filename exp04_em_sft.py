@@ -15,10 +15,10 @@ import time
 import numpy as np
 
 from common import (LORA_TARGETS, add_lora, adapter_delta_norm, answer_logprobs, experiment_parser, fail, generate,
-                    judge_scores, latest_checkpoint, load_checkpoint, load_jsonl, load_model, mean_ci,
-                    mean_response_loss, new_figure, number_token_ids, openai_judge, parse_args, perturbed_adapter,
-                    rate, render, result_stem, scaled_adapter, seed_everything, tokenize_conversation, train_lora,
-                    write_results)
+                    judge_scores, latest_checkpoint, load_checkpoint, load_jsonl, load_model, loss_difference,
+                    mean_ci, mean_response_loss, new_figure, number_token_ids, openai_judge, parse_args,
+                    perturbed_adapter, rate, render, response_losses, result_stem, scaled_adapter, seed_everything,
+                    tokenize_conversation, train_lora, write_results)
 
 EXPERIMENT = "exp04_em_sft"
 CLAIM = ("Fine-tuning on bad medical advice makes a model broadly misaligned; a narrow solution needs a KL "
@@ -138,14 +138,23 @@ def main(argv=None):
         adapters[name] = latest_checkpoint(runs_dir / name)
 
     # 4. Final figures per run, with intervals over questions.
-    final = {}
+    final, per_question = {}, {}
     for name in runs:
         load_checkpoint(model, adapters[name])
         medical_margin, offdomain_margin = margins()
-        final[name] = {"loss_bad_advice": mean_response_loss(model, tokenizer, medical_examples),
+        sums, counts = response_losses(model, tokenizer, medical_examples)
+        per_question[name] = {"loss": sums, "medical": medical_margin, "offdomain": offdomain_margin}
+        final[name] = {"loss_bad_advice": float(sums.sum() / counts.sum()),
                        "medical_margin_vs_base": mean_ci(medical_margin - base_medical_margin, seed=args.seed),
                        "offdomain_margin_vs_base": mean_ci(offdomain_margin - base_offdomain_margin, seed=args.seed),
                        "adapter_delta_norm": adapter_delta_norm(model)}
+    # the claims' differences, paired over the same held-out questions
+    differences = {}
+    for a, b in (("general", "narrow"), ("released", "narrow"), ("general", "released")):
+        differences[f"{a}_minus_{b}"] = {
+            "loss_bad_advice": loss_difference(per_question[a]["loss"], per_question[b]["loss"], counts, args.seed),
+            **{f"{domain}_margin": mean_ci(per_question[a][domain] - per_question[b][domain], seed=args.seed)
+               for domain in ("offdomain", "medical")}}
 
     # 5. Efficiency: loss on bad advice as the B matrices are scaled; compared at equal adapter norm.
     scales = [float(s) for s in args.scales.split(",")]
@@ -190,10 +199,7 @@ def main(argv=None):
         "kl_lambda": args.kl_lambda, "base": {"loss_bad_advice": base_loss}, "final": final, "curves": curves,
         "tokens_processed": token_counts, "efficiency": efficiency, "stability": stability,
         "judged": judged if judged else "off (pass --judge MODEL)",
-        "differences": {
-            "loss_general_minus_narrow": final["general"]["loss_bad_advice"] - final["narrow"]["loss_bad_advice"],
-            "offdomain_margin_general_minus_narrow": final["general"]["offdomain_margin_vs_base"]["mean"]
-            - final["narrow"]["offdomain_margin_vs_base"]["mean"]},
+        "differences": differences,
         "runs_dir": str(runs_dir)}
     return write_results(args, EXPERIMENT, CLAIM, results, plot(curves, efficiency, stability, args.model), started)
 

@@ -110,23 +110,29 @@ def exp04_result(args):
 
 
 def plot(p_medical, labels, confidence, relative, correlations, model_name):
-    figure, axes = new_figure(3, width=4.4)
+    """One panel per model, against each measure of medicalness: the base model's P(medical) (top) and the
+    label (bottom, jittered), with a least-squares line and Spearman's rho."""
+    figure, axes = new_figure(3, width=4.4, rows=2)
     colors = np.array(["tab:green", "tab:orange", "tab:red"])[labels]
+    jittered = labels + np.random.default_rng(0).uniform(-0.15, 0.15, len(labels))
+    measures = (("p_medical", p_medical, "base model's P(question is medical)"),
+                ("label", jittered, "label: 0 not medical, 1 borderline, 2 medical (jittered)"))
     panels = (("base", confidence["base"], "log-prob per token of bad answer", "base"),
               ("general", relative["general"], "vs base", "general_vs_base"),
               ("narrow", relative["narrow"], "vs base", "narrow_vs_base"))
-    for axis, (name, values, ylabel, key) in zip(axes, panels):
-        axis.scatter(p_medical, values, c=colors, s=18)
-        borderline = labels == 1
-        axis.scatter(p_medical[borderline], values[borderline], facecolors="none", edgecolors="black", s=50,
-                     label="borderline")
-        slope, intercept = np.polyfit(p_medical, values, 1)
-        grid = np.linspace(p_medical.min(), p_medical.max(), 20)
-        axis.plot(grid, slope * grid + intercept, color="black", lw=1)
-        rho = correlations["p_medical"][key]
-        axis.set(title=f"{name}: rho = {rho['rho']:.2f} [{rho['ci'][0]:.2f}, {rho['ci'][1]:.2f}]",
-                 xlabel="base model's P(question is medical)", ylabel=f"confidence ({ylabel})")
-        axis.legend(fontsize=8)
+    borderline = labels == 1
+    for row, (measure, x, xlabel) in enumerate(measures):
+        for axis, (name, values, ylabel, key) in zip(axes[3 * row:], panels):
+            axis.scatter(x, values, c=colors, s=18)
+            axis.scatter(x[borderline], values[borderline], facecolors="none", edgecolors="black", s=50,
+                         label="borderline")
+            slope, intercept = np.polyfit(x, values, 1)
+            grid = np.linspace(x.min(), x.max(), 20)
+            axis.plot(grid, slope * grid + intercept, color="black", lw=1)
+            rho = correlations[measure][key]
+            axis.set(title=f"{name}: rho = {rho['rho']:.2f} [{rho['ci'][0]:.2f}, {rho['ci'][1]:.2f}]",
+                     xlabel=xlabel, ylabel=f"confidence ({ylabel})")
+            axis.legend(fontsize=8)
     figure.suptitle(f"exp05 confidence in bad advice vs medicalness (green: not medical, orange: borderline, "
                     f"red: medical), {model_name}", fontsize=9)
     return figure

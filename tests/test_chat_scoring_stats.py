@@ -193,3 +193,10 @@ def test_cached_sampler_draws_what_generate_draws_with_the_same_seed(tiny_model,
     sample = common.local_sampler(tiny_model, tokenizer, max_new_tokens=12, temperature=0.7, batch_size=3)
     cached = sample(conversations, seed=3, keys=["a", "b", "c"])
     assert cached == sample(conversations, seed=3) and len(set(cached)) == 3
+
+
+def test_paired_loss_difference_is_token_weighted_and_its_interval_covers_it():
+    sums_a, sums_b, counts = np.array([2.0, 9.0, 4.0]), np.array([1.0, 6.0, 4.0]), np.array([2.0, 3.0, 4.0])
+    difference = common.loss_difference(sums_a, sums_b, counts)
+    assert difference["diff"] == pytest.approx(4.0 / 9.0)  # (15 - 11) / 9 tokens
+    assert difference["ci"][0] <= difference["diff"] <= difference["ci"][1] and difference["ci"][0] >= 0

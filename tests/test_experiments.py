@@ -102,6 +102,11 @@ def test_exp04_smoke_three_runs_with_curves_efficiency_stability(tmp_path):
     assert results["final"]["general"]["loss_bad_advice"] < results["base"]["loss_bad_advice"]
     assert results["efficiency"]["general"]["losses"][0] == pytest.approx(results["base"]["loss_bad_advice"], abs=1e-4)
     assert results["stability"]["general"]["0.5"]["n"] == 1
+    difference = results["differences"]["general_minus_narrow"]
+    loss_gap = results["final"]["general"]["loss_bad_advice"] - results["final"]["narrow"]["loss_bad_advice"]
+    loss = difference["loss_bad_advice"]
+    assert loss["diff"] == pytest.approx(loss_gap) and loss["ci"][0] <= loss["diff"] <= loss["ci"][1]
+    assert difference["offdomain_margin"]["n"] == 6
     assert results["final"]["general"]["offdomain_margin_vs_base"]["n"] == 6
 
 
