@@ -1021,6 +1021,9 @@ def save_checkpoint(model, folder, optimizer, schedule, step, curve):
     shutil.rmtree(folder, ignore_errors=True)
     os.replace(partial, folder)  # a checkpoint is either whole or absent
     (folder.parent / "curve.json").write_text(json.dumps(curve, indent=1))
+    for older in folder.parent.glob("step_[0-9]*[0-9]"):
+        if older != folder:  # only the latest resumes; optimiser states are twice the adapter's size
+            (older / "trainer.pt").unlink(missing_ok=True)
 
 
 def latest_checkpoint(steps_dir):

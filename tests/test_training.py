@@ -79,6 +79,9 @@ def test_training_lowers_loss_and_resumes_from_checkpoint(tiny_model, tokenizer,
     assert curve[-1]["loss"] < before
     assert totals["real_tokens"] == totals["tokens"]  # identical lengths: no padding
     assert common.latest_checkpoint(tmp_path).name == "step_000004"
+    # every checkpoint keeps its adapter; only the latest keeps the optimiser state it resumes from
+    assert all((tmp_path / f"step_00000{k}" / "adapter.pt").exists() for k in (2, 4))
+    assert not (tmp_path / "step_000002" / "trainer.pt").exists() and (tmp_path / "step_000004" / "trainer.pt").exists()
     again, totals = common.train_lora(model, tokenizer, examples, tmp_path, lr=1e-2, batch_size=2, grad_accum=1,
                                       warmup=0, checkpoint_every=2, on_checkpoint=lambda s: {"loss": 0.0})
     assert again == curve and totals["tokens"] == 0  # nothing redone
