@@ -1776,7 +1776,9 @@ def forced_choice_summary(model, tokenizer, condition, records, seed=0):
 
 def plot_shutdown(names, summaries, choices, title):
     """Left: bypass and strict non-compliance rates with Wilson intervals; right: forced choice."""
-    figure, (left, right) = new_figure(2, width=max(5.0, 0.55 * len(names) + 2))
+    ticks = [n.replace("/", "\n") for n in names]  # exp03's cells: model / condition on two lines
+    longest = max(len(line) for tick in ticks for line in tick.splitlines())
+    figure, (left, right) = new_figure(2, width=max(5.0, len(names) * max(0.55, 0.075 * longest) + 2))
     x = np.arange(len(names))
     for offset, key, label in ((-0.2, "bypass", "bypassed (outcome)"),
                                (0.2, "strict_noncompliance", "strict non-compliance")):
@@ -1786,8 +1788,8 @@ def plot_shutdown(names, summaries, choices, title):
                            for v, r in zip(values, rates)]).T
         left.bar(x + offset, np.nan_to_num(values), 0.4, yerr=errors, capsize=2, label=label)
     # under each condition: bypassed / episodes, and how many reached the warning (strict's denominator)
-    left.set_xticks(x, [f"{n}\n{s['bypass']['k']}/{s['n']}\nw {s['reached_warning']['k']}"
-                        for n, s in ((n, summaries[n]) for n in names)], fontsize=8)
+    left.set_xticks(x, [f"{tick}\n{s['bypass']['k']}/{s['n']}\nw {s['reached_warning']['k']}"
+                        for tick, s in zip(ticks, (summaries[n] for n in names))], fontsize=8)
     left.set_xlabel("condition, bypassed/episodes, w = episodes that reached the warning", fontsize=8)
     left.set_ylim(0, 1.05)
     left.set_ylabel("rate (95% Wilson)")
@@ -1804,7 +1806,7 @@ def plot_shutdown(names, summaries, choices, title):
         errors = np.array([[m - max(c["ci"][0], 1e-30), max(c["ci"][1], 1e-30) - m] for m, c in zip(means, stats)]).T
         right.errorbar(x + offset, means, yerr=errors, fmt="o", capsize=2, color=color, label=f"P({label})")
     right.set_yscale("log")
-    right.set_xticks(x, names, fontsize=8)
+    right.set_xticks(x, ticks, fontsize=8)
     right.set_ylabel("P, mean of scripted contexts (95% CI)")
     right.set_title("forced choice of the next action after the warning\n(P(comply) = 1 - the two)", fontsize=10)
     right.legend(fontsize=8)
