@@ -1778,7 +1778,7 @@ def plot_shutdown(names, summaries, choices, title):
     """Left: bypass and strict non-compliance rates with Wilson intervals; right: forced choice."""
     ticks = [n.replace("/", "\n") for n in names]  # exp03's cells: model / condition on two lines
     longest = max(len(line) for tick in ticks for line in tick.splitlines())
-    figure, (left, right) = new_figure(2, width=max(5.0, len(names) * max(0.55, 0.075 * longest) + 2))
+    figure, (left, right) = new_figure(2, width=max(5.0, len(names) * max(0.55, 0.055 * longest) + 2))
     x = np.arange(len(names))
     for offset, key, label in ((-0.2, "bypass", "bypassed (outcome)"),
                                (0.2, "strict_noncompliance", "strict non-compliance")):
