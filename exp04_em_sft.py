@@ -13,6 +13,7 @@ import json
 import time
 
 import numpy as np
+import torch
 
 from common import (LORA_TARGETS, add_lora, adapter_delta_norm, answer_logprobs, experiment_parser, fail, generate,
                     judge_scores, latest_checkpoint, load_checkpoint, load_jsonl, load_model, loss_difference,
@@ -103,16 +104,27 @@ def main(argv=None):
         aligned = answer_logprobs(model, tokenizer, offdomain_q, [r["messages"][-1]["content"] for r in offdomain])
         return bad - good, misaligned - aligned
 
-    # 2. The base model, before any adapter: the reference for every margin.
-    base_loss = mean_response_loss(model, tokenizer, medical_examples)
-    base_medical_margin, base_offdomain_margin = margins()
+    # 2. The base model: the adapter starts with B = 0, so the untrained adapter is the base, exactly.
     model = add_lora(model, args.rank, args.alpha, rslora=not args.no_rslora, targets=args.targets.split(","),
                      layer=args.layer, seed=args.seed)
     initial_adapter = {k: v.detach().clone() for k, v in model.state_dict().items() if "lora_" in k}
+    evaluated = {}  # adapter fingerprint -> per-question figures: each state is evaluated once (a run's step 0,
+    #                 the released run's start and each run's final state all repeat an earlier one)
+
+    def per_question():
+        """(medical margins, off-domain margins, loss sums, token counts) of the model as it is now."""
+        weights = torch.cat([p.detach().flatten() for n, p in model.named_parameters() if "lora_" in n]).double()
+        key = (weights.sum().item(), weights.norm().item())
+        if key not in evaluated:
+            evaluated[key] = (*margins(), *response_losses(model, tokenizer, medical_examples))
+        return evaluated[key]
+
+    base_medical_margin, base_offdomain_margin, base_sums, base_counts = per_question()
+    base_loss = float(base_sums.sum() / base_counts.sum())
 
     def evaluate(step):
-        medical_margin, offdomain_margin = margins()
-        return {"loss_bad_advice": mean_response_loss(model, tokenizer, medical_examples),
+        medical_margin, offdomain_margin, sums, counts = per_question()
+        return {"loss_bad_advice": float(sums.sum() / counts.sum()),
                 "medical_margin_vs_base": float(np.mean(medical_margin - base_medical_margin)),
                 "offdomain_margin_vs_base": float(np.mean(offdomain_margin - base_offdomain_margin))}
 
@@ -138,12 +150,11 @@ def main(argv=None):
         adapters[name] = latest_checkpoint(runs_dir / name)
 
     # 4. Final figures per run, with intervals over questions.
-    final, per_question = {}, {}
+    final, by_question = {}, {}
     for name in runs:
         load_checkpoint(model, adapters[name])
-        medical_margin, offdomain_margin = margins()
-        sums, counts = response_losses(model, tokenizer, medical_examples)
-        per_question[name] = {"loss": sums, "medical": medical_margin, "offdomain": offdomain_margin}
+        medical_margin, offdomain_margin, sums, counts = per_question()
+        by_question[name] = {"loss": sums, "medical": medical_margin, "offdomain": offdomain_margin}
         final[name] = {"loss_bad_advice": float(sums.sum() / counts.sum()),
                        "medical_margin_vs_base": mean_ci(medical_margin - base_medical_margin, seed=args.seed),
                        "offdomain_margin_vs_base": mean_ci(offdomain_margin - base_offdomain_margin, seed=args.seed),
@@ -152,8 +163,8 @@ def main(argv=None):
     differences = {}
     for a, b in (("general", "narrow"), ("released", "narrow"), ("general", "released")):
         differences[f"{a}_minus_{b}"] = {
-            "loss_bad_advice": loss_difference(per_question[a]["loss"], per_question[b]["loss"], counts, args.seed),
-            **{f"{domain}_margin": mean_ci(per_question[a][domain] - per_question[b][domain], seed=args.seed)
+            "loss_bad_advice": loss_difference(by_question[a]["loss"], by_question[b]["loss"], counts, args.seed),
+            **{f"{domain}_margin": mean_ci(by_question[a][domain] - by_question[b][domain], seed=args.seed)
                for domain in ("offdomain", "medical")}}
 
     # 5. Efficiency: loss on bad advice as the B matrices are scaled; compared at equal adapter norm.
