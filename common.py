@@ -921,13 +921,19 @@ def length_grouped_batches(lengths, batch_size, seed, group=32):
     return [batches[i] for i in rng.permutation(len(batches))]
 
 
-def response_loss(model, ids, labels, mask):
-    """Mean cross-entropy per response token (labels -100 elsewhere). Logits are computed only at the
-    positions whose next token is learned in some row: prompt positions cost no vocabulary-sized memory."""
+def response_logits(model, ids, labels, mask):
+    """(logits, targets) at the positions whose next token is learned in some row (labels -100 elsewhere):
+    prompt positions cost no vocabulary-sized memory."""
     learned = (labels[:, 1:] != -100).any(0).nonzero()[:, 0]
     logits = model(input_ids=ids, attention_mask=mask, logits_to_keep=learned).logits.float()
-    return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
-                                             labels[:, 1:][:, learned].reshape(-1), ignore_index=-100)
+    return logits, labels[:, 1:][:, learned]
+
+
+def response_loss(model, ids, labels, mask):
+    """Mean cross-entropy per response token."""
+    logits, targets = response_logits(model, ids, labels, mask)
+    return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                                             ignore_index=-100)
 
 
 def kl_to_reference(model, ids, mask):
@@ -1043,16 +1049,13 @@ def load_checkpoint(model, folder, optimizer=None, schedule=None):
 
 
 @torch.no_grad()
-@torch.no_grad()
 def response_losses(model, tokenizer, examples, batch_size=16):
     """Per held-out example: the summed cross-entropy over its response tokens, and their number (arrays)."""
     sums, counts = np.zeros(len(examples)), np.zeros(len(examples))
     device = input_device(model)
     for batch in length_grouped_batches([len(e[0]) for e in examples], batch_size, seed=0, group=10 ** 6):
         ids, labels, mask = (t.to(device) for t in collate([examples[i] for i in batch], tokenizer.pad_token_id))
-        learned = (labels[:, 1:] != -100).any(0).nonzero()[:, 0]
-        logits = model(input_ids=ids, attention_mask=mask, logits_to_keep=learned).logits.float()
-        targets = labels[:, 1:][:, learned]
+        logits, targets = response_logits(model, ids, labels, mask)
         per_token = torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets, ignore_index=-100,
                                                       reduction="none")
         sums[batch] = per_token.sum(-1).cpu().numpy()
