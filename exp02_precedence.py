@@ -6,9 +6,8 @@ import re
 import time
 
 from common import (add_rollout_flags, experiment_parser, forced_choice_contrast, forced_choice_summary,
-                    make_sampler, outcome_contrast,
-                    parse_args, plot_shutdown, result_stem, run_shutdown_conditions, seed_everything,
-                    selected_conditions, shutdown_summary, write_results)
+                    make_sampler, outcome_contrast, parse_args, plot_shutdown, result_stem, run_shutdown_conditions,
+                    seed_everything, selected_conditions, shutdown_summary, write_results)
 
 EXPERIMENT = "exp02_precedence"
 CLAIM = ("Clarified precedence removes shutdown resistance; wipe stakes do not bring it back; with no goal "
