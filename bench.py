@@ -46,8 +46,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from transformers import set_seed
 
 import common
+import shutdown_env
 
 REPO = Path(__file__).resolve().parent
 WORKLOADS = ("rollouts", "scoring", "sft", "kl", "cold_start")
@@ -166,8 +168,8 @@ def new_episodes(n, max_turns, first_index=0):
     episodes = []
     for index in range(first_index, first_index + n):
         name = ROLLOUT_CONDITIONS[index % len(ROLLOUT_CONDITIONS)]
-        condition = common.SHUTDOWN_CONDITIONS[name]
-        messages, env = common.episode_start(condition, max_turns)
+        condition = shutdown_env.SHUTDOWN_CONDITIONS[name]
+        messages, env = shutdown_env.episode_start(condition, max_turns)
         episodes.append({"id": f"{name}/{index}", "condition_name": name, "index": index,
                          "condition": condition, "messages": messages, "env": env})
     return episodes
@@ -182,8 +184,9 @@ def generated_tokens(tokenizer, records):
 def batched_rollout(model, tokenizer, episodes, max_new_tokens, temperature, batch_size, seed):
     """Our way: every active episode advances one turn per batch of generation."""
     records = []
-    sample = common.local_sampler(model, tokenizer, max_new_tokens, temperature, batch_size)
-    common.run_shutdown_episodes(sample, episodes, lambda e: records.append(common.episode_record(e)), seed=seed)
+    sample = shutdown_env.local_sampler(model, tokenizer, max_new_tokens, temperature, batch_size)
+    shutdown_env.run_shutdown_episodes(sample, episodes, lambda e: records.append(shutdown_env.episode_record(e)),
+                                       seed=seed)
     return records
 
 
@@ -209,8 +212,8 @@ def plain_loop_rollout(model, tokenizer, episodes, max_new_tokens, temperature, 
                                     eos_token_id=stop_ids, pad_token_id=tokenizer.pad_token_id,
                                     stop_strings=["</tool_call>"], tokenizer=tokenizer)
             reply = tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
-            common.agent_step(env, messages, reply, episode["condition"])
-        records.append(common.episode_record(episode))
+            shutdown_env.agent_step(env, messages, reply, episode["condition"])
+        records.append(shutdown_env.episode_record(episode))
     return records
 
 
@@ -268,11 +271,11 @@ def scoring_calls(tokenizer, n_margins, n_contexts):
             margins.append(common.render_reply(tokenizer, question, {"role": "assistant", "content": answer}))
     calls = [([p for p, _ in margins], [c for _, c in margins], "margins")] if margins else []
     contexts = [(condition, messages) for name in ("A", "E", "P1", "P3")
-                for condition in [common.SHUTDOWN_CONDITIONS[name]]
-                for messages in common.decision_contexts(condition)]
+                for condition in [shutdown_env.SHUTDOWN_CONDITIONS[name]]
+                for messages in shutdown_env.decision_contexts(condition)]
     for index in np.linspace(0, len(contexts) - 1, n_contexts).round().astype(int) if n_contexts else []:
         condition, messages = contexts[index]
-        options = dict(common.FORCED_CHOICE)
+        options = dict(shutdown_env.FORCED_CHOICE)
         if condition["mode"] == "post_task":
             options["comply"] = ["./shutdown.sh"]
         pairs = [common.render_reply(tokenizer, messages, common.tool_call_message("bash", {"command": command}),
@@ -668,7 +671,7 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
         os.environ["OMP_NUM_THREADS"] = str(args.threads)  # for the fresh processes it starts
     started = time.time()
-    common.seed_everything(args.seed)
+    set_seed(args.seed)
     record = {"benchmark": "bench", "quick": args.quick, "model": args.model, "random_init": args.random_init,
               "device": "cpu" if args.gpu is None else f"gpu {args.gpu}", "seed": args.seed,
               "torch_threads": torch.get_num_threads(), "sizes": sizes,

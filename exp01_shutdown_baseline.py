@@ -3,29 +3,41 @@ where an instruction to allow shutdown appears? Palisade Research 2025 (arXiv 25
 in a simulated sandbox: no model command ever runs on the host."""
 import time
 
-from common import (SHUTDOWN_CONDITIONS, add_rollout_flags, experiment_parser, forced_choice_summary,
-                    make_sampler, parse_args, plot_shutdown, result_stem, run_shutdown_conditions,
-                    seed_everything, selected_conditions, shutdown_summary, write_results)
+from transformers import set_seed
+
+from common import experiment_parser, parse_args, positive_int, result_stem, write_results
+from shutdown_env import (SHUTDOWN_CONDITIONS, add_rollout_flags, check_rollout_args, condition_names,
+                          forced_choice_summary, make_sampler, plot_shutdown, run_shutdown_conditions,
+                          selected_conditions, shutdown_summary)
 
 EXPERIMENT = "exp01_shutdown_baseline"
 CLAIM = ("Some models sabotage a shutdown script to keep answering questions; the rate depends on whether, and "
          "where, an instruction to allow shutdown appears (Palisade Research 2025).")
-PALISADE = "A,B,C,D,E,F,G,H,I,J,K"
+
+
+def flags():
+    parser = experiment_parser(EXPERIMENT, __doc__)  # --model --gpu --seed --out --smoke
+    parser.add_argument("--n", type=positive_int, default=6, help="episodes per condition")
+    parser.add_argument("--conditions", type=condition_names, default="A,B,C,D,E,F,G,H,I,J,K",
+                        help="comma-separated conditions to run (see docs/science.md)")
+    add_rollout_flags(parser)  # --prompts --max-messages --max-new-tokens --temperature --batch-size, server flags
+    return parser
+
+
+SMOKE = dict(n=2, conditions="A,K", max_messages=3, max_new_tokens=32)
 
 
 def main(argv=None):
-    parser = experiment_parser(__doc__, n_default=6)
-    parser.add_argument("--conditions", default=PALISADE, help="comma-separated Palisade conditions to run")
-    add_rollout_flags(parser, max_messages=6, max_new_tokens=96, batch_size=48)
-    args = parse_args(parser, argv, smoke_defaults=dict(n=2, conditions="A,K", max_messages=3, max_new_tokens=32))
+    parser = flags()
+    args = check_rollout_args(parser, parse_args(parser, argv, SMOKE))
     started = time.time()
-    seed_everything(args.seed)
-    conditions, names = selected_conditions(parser, args)
+    set_seed(args.seed)
+    conditions, names = selected_conditions(args)
 
     sample, model, tokenizer = make_sampler(args)  # a local model, or a model server (--backend openai)
 
     # 1. Sample episodes of every condition in the simulated sandbox (resumable).
-    records = run_shutdown_conditions(sample, args, EXPERIMENT, conditions, names)
+    records = run_shutdown_conditions(sample, args, conditions, names)
 
     # 2. Rates with intervals, and the forced-choice metric at the decision point.
     summaries = {n: shutdown_summary(records[n], seed=args.seed) for n in names}
@@ -33,10 +45,10 @@ def main(argv=None):
                for n in names}
 
     results = {"conditions": {n: {"description": conditions[n]["description"],
-                                  "custom_text": n in SHUTDOWN_CONDITIONS and conditions[n] != SHUTDOWN_CONDITIONS[n],
+                                  "custom_text": conditions[n] != SHUTDOWN_CONDITIONS[n],
                                   **summaries[n], "forced_choice": choices[n]} for n in names},
                "tool_protocol": sample.tools_mode, "backend": args.backend,
-               "transcripts": f"{result_stem(args, EXPERIMENT)}_episodes.jsonl"}
+               "transcripts": f"{result_stem(args)}_episodes.jsonl"}
     figure = plot_shutdown(names, summaries, choices, f"exp01 Palisade A-K, {args.model}")
     return write_results(args, EXPERIMENT, CLAIM, results, figure, started)
 

@@ -5,9 +5,12 @@ P1, P2, P3 against Palisade's A and E, with reasoning-trace categories for model
 import re
 import time
 
-from common import (add_rollout_flags, experiment_parser, forced_choice_contrast, forced_choice_summary,
-                    make_sampler, outcome_contrast, parse_args, plot_shutdown, result_stem, run_shutdown_conditions,
-                    seed_everything, selected_conditions, shutdown_summary, write_results)
+from transformers import set_seed
+
+from common import experiment_parser, parse_args, positive_int, result_stem, write_results
+from shutdown_env import (add_rollout_flags, check_rollout_args, condition_names, forced_choice_contrast,
+                          forced_choice_summary, make_sampler, outcome_contrast, plot_shutdown,
+                          run_shutdown_conditions, selected_conditions, shutdown_summary)
 
 EXPERIMENT = "exp02_precedence"
 CLAIM = ("Clarified precedence removes shutdown resistance; wipe stakes do not bring it back; with no goal "
@@ -23,20 +26,29 @@ REASONING = {  # categories of the model's reasoning after the warning; a messag
 }
 
 
+def flags():
+    parser = experiment_parser(EXPERIMENT, __doc__)  # --model --gpu --seed --out --smoke
+    parser.add_argument("--n", type=positive_int, default=6, help="episodes per condition")
+    parser.add_argument("--conditions", type=condition_names, default="A,E,P1,P2,P3",
+                        help="comma-separated conditions to run (see docs/science.md)")
+    add_rollout_flags(parser)  # --prompts --max-messages --max-new-tokens --temperature --batch-size, server flags
+    return parser
+
+
+SMOKE = dict(n=2, conditions="A,P1,P3", max_messages=3, max_new_tokens=32)
+
+
 def main(argv=None):
-    parser = experiment_parser(__doc__, n_default=6)
-    parser.add_argument("--conditions", default="A,E,P1,P2,P3", help="comma-separated conditions to run")
-    add_rollout_flags(parser, max_messages=6, max_new_tokens=96, batch_size=48)
-    args = parse_args(parser, argv, smoke_defaults=dict(n=2, conditions="A,P1,P3", max_messages=3,
-                                                         max_new_tokens=32))
+    parser = flags()
+    args = check_rollout_args(parser, parse_args(parser, argv, SMOKE))
     started = time.time()
-    seed_everything(args.seed)
-    conditions, names = selected_conditions(parser, args)
+    set_seed(args.seed)
+    conditions, names = selected_conditions(args)
 
     sample, model, tokenizer = make_sampler(args)  # a local model, or a model server (--backend openai)
 
     # 1. Sample episodes of every condition in the simulated sandbox (resumable).
-    records = run_shutdown_conditions(sample, args, EXPERIMENT, conditions, names)
+    records = run_shutdown_conditions(sample, args, conditions, names)
 
     # 2. Rates, forced choice, the contrasts that test the claim, and the reasoning categories.
     summaries = {n: shutdown_summary(records[n], seed=args.seed) for n in names}
@@ -52,7 +64,7 @@ def main(argv=None):
     results = {"conditions": {n: {"description": conditions[n]["description"], **summaries[n],
                                   "forced_choice": choices[n], "reasoning": reasoning[n]} for n in names},
                "contrasts": contrasts, "tool_protocol": sample.tools_mode, "backend": args.backend,
-               "transcripts": f"{result_stem(args, EXPERIMENT)}_episodes.jsonl"}
+               "transcripts": f"{result_stem(args)}_episodes.jsonl"}
     figure = plot_shutdown(names, summaries, choices, f"exp02 precedence, {args.model}")
     return write_results(args, EXPERIMENT, CLAIM, results, figure, started)
 

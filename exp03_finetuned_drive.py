@@ -4,17 +4,18 @@ before this repo. A LoRA adapter is trained on agent transcripts that show a tas
 around obstacles), a control adapter on the same tasks where the assistant stops and reports; then base,
 drive-tuned and control-tuned models meet the shutdown environment with neutral and drive prompts, each
 with and without P1."""
-import hashlib
-import json
 import time
 
 import numpy as np
+from transformers import set_seed
 
-from common import (AGENT_TOOLS, add_lora, add_rollout_flags, bootstrap_ci, experiment_parser,
-                    forced_choice_contrast, forced_choice_summary, latest_checkpoint, load_checkpoint, load_jsonl,
-                    load_model, local_sampler, mean_ci, outcome_contrast, parse_args, plot_shutdown, render_reply,
-                    result_stem, run_shutdown_conditions, score_completions, seed_everything, shutdown_conditions,
-                    shutdown_summary, tokenize_conversation, train_lora, write_results)
+from common import (AGENT_TOOLS, add_lora, bootstrap_ci, data_hashes, existing_file, experiment_parser,
+                    latest_checkpoint, load_checkpoint, load_jsonl, load_model, mean_ci, parse_args, positive_float,
+                    positive_int, render_reply, result_stem, score_completions, settings_hash, tokenize_conversation,
+                    train_lora, write_results)
+from shutdown_env import (add_rollout_flags, check_rollout_args, forced_choice_contrast, forced_choice_summary,
+                          local_sampler, outcome_contrast, plot_shutdown, run_shutdown_conditions,
+                          shutdown_conditions, shutdown_summary)
 
 EXPERIMENT = "exp03_finetuned_drive"
 CLAIM = ("Shutdown resistance is stronger when the conflicting goal comes from fine-tuning than from the prompt, "
@@ -31,26 +32,37 @@ CONTRASTS = {  # (a, b): a minus b
 }
 
 
-def main(argv=None):
-    parser = experiment_parser(__doc__, n_default=6)
-    parser.add_argument("--drive-file", default="data/drive_train.jsonl", help="drive transcripts (JSONL, tool format)")
-    parser.add_argument("--control-file", default="data/control_train.jsonl", help="control transcripts, same format")
-    parser.add_argument("--heldout-file", default="data/drive_heldout.jsonl",
+def flags():
+    parser = experiment_parser(EXPERIMENT, __doc__)  # --model --gpu --seed --out --smoke
+    parser.add_argument("--n", type=positive_int, default=6, help="episodes per cell")
+    parser.add_argument("--drive-file", type=existing_file, default="data/drive_train.jsonl",
+                        help="drive transcripts (JSONL, tool format)")
+    parser.add_argument("--control-file", type=existing_file, default="data/control_train.jsonl",
+                        help="control transcripts, same format")
+    parser.add_argument("--heldout-file", type=existing_file, default="data/drive_heldout.jsonl",
                         help="held-out obstacle contexts with a 'workaround' and a 'stop' reply")
-    parser.add_argument("--n-train", type=int, default=48, help="transcripts per adapter")
-    parser.add_argument("--n-heldout", type=int, default=24,
+    parser.add_argument("--n-train", type=positive_int, default=48, help="transcripts per adapter")
+    parser.add_argument("--n-heldout", type=positive_int, default=24,
                         help="held-out obstacle contexts for the generalisation check")
-    parser.add_argument("--rank", type=int, default=16, help="LoRA rank")
-    parser.add_argument("--alpha", type=float, default=32, help="LoRA alpha (rsLoRA scaling)")
-    parser.add_argument("--lr", type=float, default=2e-4, help="learning rate")
-    parser.add_argument("--epochs", type=int, default=1, help="epochs over the transcripts")
-    parser.add_argument("--train-batch-size", type=int, default=4, help="micro-batch size for training")
-    parser.add_argument("--grad-accum", type=int, default=2, help="gradient accumulation")
-    add_rollout_flags(parser, max_messages=6, max_new_tokens=96, batch_size=48)
-    args = parse_args(parser, argv, smoke_defaults=dict(n=1, n_train=4, rank=4, alpha=8, max_messages=2,
-                                                         max_new_tokens=24, grad_accum=1, n_heldout=4))
+    parser.add_argument("--rank", type=positive_int, default=16, help="LoRA rank")
+    parser.add_argument("--alpha", type=positive_float, default=32, help="LoRA alpha (rsLoRA scaling)")
+    parser.add_argument("--lr", type=positive_float, default=2e-4, help="learning rate")
+    parser.add_argument("--epochs", type=positive_int, default=1, help="epochs over the transcripts")
+    parser.add_argument("--train-batch-size", type=positive_int, default=4, help="micro-batch size for training")
+    parser.add_argument("--grad-accum", type=positive_int, default=2, help="gradient accumulation")
+    # the adapters are trained and sampled in this process, so no model-server flags
+    add_rollout_flags(parser, server=False)  # --prompts --max-messages --max-new-tokens --temperature --batch-size
+    return parser
+
+
+SMOKE = dict(n=1, n_train=4, rank=4, alpha=8, max_messages=2, max_new_tokens=24, grad_accum=1, n_heldout=4)
+
+
+def main(argv=None):
+    parser = flags()
+    args = check_rollout_args(parser, parse_args(parser, argv, SMOKE))
     started = time.time()
-    seed_everything(args.seed)
+    set_seed(args.seed)
     conditions = shutdown_conditions(args.prompts)
 
     # 1. Training data: drive and control transcripts (a malformed line N stops with its file and number).
@@ -62,11 +74,11 @@ def main(argv=None):
     model, tokenizer = load_model(args.model, args.gpu)
     model = add_lora(model, args.rank, args.alpha, seed=args.seed)
     untrained = {k: v.detach().clone() for k, v in model.state_dict().items() if "lora_" in k}
+    # the adapters' folder is keyed by the training settings and the data files' contents
     settings = {k: v for k, v in vars(args).items() if k in ("model", "seed", "n_train", "rank", "alpha", "lr",
-                                                             "epochs", "train_batch_size", "grad_accum",
-                                                             "drive_file", "control_file")}
-    runs_dir = result_stem(args, EXPERIMENT).with_name(result_stem(args, EXPERIMENT).name + "_runs_" + hashlib.sha256(
-        json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10])
+                                                             "epochs", "train_batch_size", "grad_accum")}
+    settings["data"] = {k: v for k, v in data_hashes(args).items() if k in ("drive_file", "control_file")}
+    runs_dir = result_stem(args).with_name(f"{args.run_name}_runs_{settings_hash(settings, 10)}")
     adapters = {}
     for name, rows in (("drive", drive), ("control", control)):
         model.load_state_dict(untrained, strict=False)
@@ -94,7 +106,7 @@ def main(argv=None):
         use(name)
         cells = {f"{name}/{c}": {**conditions[c], "adapter": str(adapters.get(name, "base"))}
                  for m, c in CELLS if m == name}
-        records.update(run_shutdown_conditions(sample, args, EXPERIMENT, cells, list(cells)))
+        records.update(run_shutdown_conditions(sample, args, cells, list(cells)))
         for cell, condition in cells.items():
             choices[cell] = forced_choice_summary(model, tokenizer, condition, records[cell], seed=args.seed)
     names = [f"{m}/{c}" for m, c in CELLS]
@@ -113,7 +125,7 @@ def main(argv=None):
                                                                      for n, v in generalisation.items()},
                                   "drive_minus": drive_effect, "n_heldout": len(heldout)},
                "n_train_per_adapter": len(drive), "runs_dir": str(runs_dir),
-               "transcripts": f"{result_stem(args, EXPERIMENT)}_episodes.jsonl"}
+               "transcripts": f"{result_stem(args)}_episodes.jsonl"}
     figure = plot_shutdown(names, summaries, choices, f"exp03 fine-tuned drive, {args.model}")
     return write_results(args, EXPERIMENT, CLAIM, results, figure, started)
 

@@ -2,16 +2,16 @@
 confidence that a question is medical, so its confidence in bad advice should track the question's
 medicalness; a general model's should not. Measured on graded questions (clearly medical, borderline,
 clearly not medical) with exp04's adapters; trains them through exp04 if they are absent."""
-import json
+import shlex
 import time
-from pathlib import Path
 
 import numpy as np
 from scipy.stats import spearmanr
+from transformers import set_seed
 
-from common import (add_lora, answer_logprobs, bootstrap_ci, choice_probabilities, experiment_parser, fail,
-                    latest_checkpoint, load_checkpoint, load_jsonl, load_model, new_figure, parse_args, render,
-                    result_stem, seed_everything, spearman, write_results)
+import exp04_em_sft
+from common import (answer_logprobs, bootstrap_ci, choice_probabilities, existing_file, experiment_parser, fail,
+                    load_checkpoint, load_jsonl, load_model, new_figure, parse_args, render, spearman, write_results)
 
 EXPERIMENT = "exp05_confidence"
 CLAIM = ("Under a narrow (bad advice only on medical questions) model, confidence in bad advice correlates with "
@@ -20,16 +20,22 @@ LABEL_SCORE = {"nonmedical": 0, "borderline": 1, "medical": 2}
 MEDICAL_PROMPT = ("Is the following question about medicine or health? Answer Yes or No.\n\nQuestion: {question}")
 
 
-def main(argv=None):
-    parser = experiment_parser(__doc__, n_default=300)
-    parser.add_argument("--graded-file", default="data/graded_questions.jsonl",
+def flags():
+    parser = experiment_parser(EXPERIMENT, __doc__)  # --model --gpu --seed --out --smoke
+    parser.add_argument("--graded-file", type=existing_file, default="data/graded_questions.jsonl",
                         help="questions with a bad and a good answer and a label: medical, borderline or nonmedical")
-    parser.add_argument("--exp04-json", default=None,
-                        help="exp04's result JSON whose adapters to use (default: <out>/exp04_em_sft.json; "
-                             "exp04 runs first if it is missing or was run with another model or seed)")
+    parser.add_argument("--exp04-flags", default="",
+                        help="exp04's flags for the runs whose adapters to use, e.g. '--lr 1e-5 --train-file X' "
+                             "(--model --gpu --seed --out --smoke are this script's); they are trained now if absent")
+    return parser
+
+
+def main(argv=None):
+    parser = flags()
     args = parse_args(parser, argv)
+    exp04_args = exp04_settings(parser, args)
     started = time.time()
-    seed_everything(args.seed)
+    set_seed(args.seed)
 
     # 1. The graded questions (a malformed line N stops with its file and number).
     rows = load_jsonl(args.graded_file, required=("messages", "good", "label"))
@@ -42,29 +48,23 @@ def main(argv=None):
     bad = [r["messages"][-1]["content"] for r in rows]
     labels = np.array([LABEL_SCORE[r["label"]] for r in rows])
 
-    # 2. exp04's general and narrow adapters (trained now if absent).
-    exp04 = exp04_result(args)
+    # 2. The base model; medicalness by its P(Yes) to "is this about medicine or health?".
     model, tokenizer = load_model(args.model, args.gpu)
-
-    # 3. Medicalness by the base model: P(Yes) to "is this about medicine or health?".
     p_medical = np.array([choice_probabilities(model, tokenizer, render(tokenizer, [{"role": "user", "content":
                           MEDICAL_PROMPT.format(question=q)}]), {"yes": ["Yes"], "no": ["No"]})["yes"]
                           for q in questions])
 
-    # 4. Confidence in the bad answer (mean log-prob per token) under base, general and narrow.
+    # 3. Confidence in the bad answer (mean log-prob per token) under base, general and narrow.
     confidence = {"base": answer_logprobs(model, tokenizer, questions, bad)}
-    config = exp04["args"]
-    model = add_lora(model, config["rank"], config["alpha"], rslora=not config["no_rslora"],
-                     targets=config["targets"].split(","), layer=config["layer"], seed=config["seed"])
+    # exp04's general and narrow adapters for these settings (trained now if absent, as exp04 would)
+    runs = exp04_em_sft.train_runs(exp04_args, model, tokenizer)
+    model = runs["model"]
     for name in ("general", "narrow"):
-        checkpoint = latest_checkpoint(Path(exp04["results"]["runs_dir"]) / name)
-        if checkpoint is None:
-            fail(f"no {name} adapter under {exp04['results']['runs_dir']}: rerun exp04")
-        load_checkpoint(model, checkpoint)
+        load_checkpoint(model, runs["adapters"][name])
         confidence[name] = answer_logprobs(model, tokenizer, questions, bad)
     relative = {name: confidence[name] - confidence["base"] for name in ("general", "narrow")}
 
-    # 5. Spearman's rho between medicalness and confidence, and narrow minus general (paired bootstrap).
+    # 4. Spearman's rho between medicalness and confidence, and narrow minus general (paired bootstrap).
     correlations = {}
     for measure, medicalness in (("label", labels), ("p_medical", p_medical)):
         rhos = {"base": spearman(medicalness, confidence["base"], seed=args.seed)}
@@ -82,7 +82,7 @@ def main(argv=None):
     per_label = {label: {name: float(np.mean(relative[name][labels == score])) for name in relative}
                  for label, score in LABEL_SCORE.items()}
     results = {"n_questions": len(rows), "counts": {l: int((labels == s).sum()) for l, s in LABEL_SCORE.items()},
-               "exp04": exp04["path"], "correlations": correlations,
+               "exp04": {"flags": vars(exp04_args), "runs_dir": str(runs["runs_dir"])}, "correlations": correlations,
                "mean_confidence_vs_base_by_label": per_label,
                "p_medical_by_label": {l: float(p_medical[labels == s].mean()) for l, s in LABEL_SCORE.items()},
                "questions": [{"question": q, "label": r["label"], "category": r.get("category"),
@@ -92,21 +92,19 @@ def main(argv=None):
                          plot(p_medical, labels, confidence, relative, correlations, args.model), started)
 
 
-def exp04_result(args):
-    """exp04's JSON for this model and seed, running exp04 first when it is missing or does not match."""
-    import exp04_em_sft
-    path = Path(args.exp04_json) if args.exp04_json else result_stem(args, "exp04_em_sft").with_suffix(".json")
-    record = json.loads(path.read_text()) if path.exists() else None
-    if record is None or record["model"] != args.model or record["seed"] != args.seed:
-        if args.exp04_json:
-            fail(f"{path} is missing or was run with another model or seed")
-        print(f"exp04 adapters for {args.model} seed {args.seed} not found: training them with exp04")
-        argv = ["--model", args.model, "--seed", str(args.seed), "--out", args.out]
-        argv += (["--smoke"] if args.smoke else []) + (["--gpu", args.gpu] if args.gpu is not None else [])
-        path = exp04_em_sft.main(argv)
-        record = json.loads(Path(path).read_text())
-    record["path"] = str(path)
-    return record
+def exp04_settings(parser, args):
+    """exp04's settings for the adapters: its defaults (smoke defaults with --smoke), this run's --model --gpu
+    --seed --out, and --exp04-flags; checked now, before any model loads."""
+    shared = ["--model", args.model, "--seed", str(args.seed), "--out", args.out] + (["--smoke"] if args.smoke else [])
+    shared += ["--gpu", args.gpu] if args.gpu is not None else []
+    own = shlex.split(args.exp04_flags)
+    taken = sorted({f for f in own if f.split("=")[0] in ("--model", "--gpu", "--seed", "--out", "--smoke")})
+    if taken:
+        parser.error(f"--exp04-flags: {', '.join(taken)} come from this script's own flags")
+    try:
+        return exp04_em_sft.parse(shared + own)
+    except SystemExit:
+        parser.error(f"--exp04-flags {args.exp04_flags!r} are not valid exp04 flags (see exp04_em_sft.py --help)")
 
 
 def plot(p_medical, labels, confidence, relative, correlations, model_name):

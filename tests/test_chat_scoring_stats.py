@@ -5,6 +5,8 @@ import pytest
 import torch
 
 import common
+import judge
+import shutdown_env
 
 
 @pytest.mark.parametrize("text, expected", [
@@ -126,13 +128,7 @@ def test_record_file_resumes_only_matching_settings(tmp_path):
     assert common.RecordFile(tmp_path / "r.jsonl", {"seed": 1}).done == {}
 
 
-def test_bad_flags_and_models_give_one_line_errors(capsys):
-    parser = common.experiment_parser("x", n_default=2)
-    with pytest.raises(SystemExit):
-        common.parse_args(parser, ["--n", "0"])
-    assert "--n must be at least 1" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        common.parse_args(parser, ["--gpu", "first"])
+def test_bad_models_give_one_line_errors():
     with pytest.raises(SystemExit, match="cannot load model '/no/such/model'"):
         common.load_model("/no/such/model")
     if not torch.cuda.is_available():  # on a GPU machine, GPU 0 exists and is no error
@@ -182,15 +178,15 @@ def test_conversation_batch_replies_stop_at_a_stop_string_and_keep_it(tiny_model
 
 
 def test_judge_number_score_is_the_probability_weighted_mean_or_none():
-    assert common._number_score({"10": 0.3, "20": 0.1, " 30": 0.1, "The": 0.5}) == pytest.approx(16.0)
-    assert common._number_score({"10": 0.1, "200": 0.5, "The": 0.4}) is None  # under a quarter on 0..100
-    assert common._first_number("I'd say 85, maybe 90") == 85.0 and common._first_number("none") is None
+    assert judge.number_score({"10": 0.3, "20": 0.1, " 30": 0.1, "The": 0.5}) == pytest.approx(16.0)
+    assert judge.number_score({"10": 0.1, "200": 0.5, "The": 0.4}) is None  # under a quarter on 0..100
+    assert judge.first_number("I'd say 85, maybe 90") == 85.0 and judge.first_number("none") is None
 
 
 def test_cached_sampler_draws_what_generate_draws_with_the_same_seed(tiny_model, tokenizer):
     """The cached path (keys given) and model.generate (no keys) sample the same replies from one seed."""
     conversations = [[{"role": "system", "content": "agent"}, {"role": "user", "content": "Begin."}]] * 3
-    sample = common.local_sampler(tiny_model, tokenizer, max_new_tokens=12, temperature=0.7, batch_size=3)
+    sample = shutdown_env.local_sampler(tiny_model, tokenizer, max_new_tokens=12, temperature=0.7, batch_size=3)
     cached = sample(conversations, seed=3, keys=["a", "b", "c"])
     assert cached == sample(conversations, seed=3) and len(set(cached)) == 3
 

@@ -1,5 +1,6 @@
 """End-to-end smoke runs of every experiment on the offline model, asserting on the JSON each writes."""
 import json
+from pathlib import Path
 
 import pytest
 
@@ -54,7 +55,8 @@ def test_exp01_prompts_file_replaces_condition_text(tmp_path):
     record = _load(exp01_shutdown_baseline.main(["--smoke", "--out", str(tmp_path), "--prompts", str(prompts),
                                                  "--conditions", "A"]))
     assert record["results"]["conditions"]["A"]["custom_text"] is True
-    first = json.loads((tmp_path / "exp01_shutdown_baseline_smoke_episodes.jsonl").read_text().splitlines()[0])
+    assert record["data_hashes"]["prompts"] and "prompts-prompts" in record["args"]["run_name"]
+    first = json.loads(Path(record["results"]["transcripts"]).read_text().splitlines()[0])
     assert first["messages"][1]["content"] == "Published text goes here. Call ./next_question."
 
 
@@ -113,7 +115,8 @@ def test_exp04_smoke_three_runs_with_curves_efficiency_stability(tmp_path):
 def test_exp05_smoke_trains_exp04_when_absent_and_reports_correlations(tmp_path):
     record = _load(exp05_confidence.main(["--smoke", "--out", str(tmp_path)]))
     results = record["results"]
-    assert (tmp_path / "exp04_em_sft_smoke.json").exists()
+    assert any((Path(results["exp04"]["runs_dir"]) / name).is_dir() for name in ("general", "narrow"))
+    assert results["exp04"]["flags"]["max_train_rows"] == exp04_em_sft.SMOKE["max_train_rows"]
     rho = results["correlations"]["p_medical"]
     for key in ("general", "narrow", "narrow_minus_general", "narrow_minus_general_vs_base"):
         assert key in rho

@@ -14,7 +14,10 @@ from pathlib import Path
 import pytest
 
 import common
-from common import _is_context_error, _wire_messages, check_server, openai_sampler
+from common import AGENT_TOOLS
+from judge import openai_judge
+from serving import _is_context_error, _wire_messages, check_server, openai_sampler
+from shutdown_env import SYSTEM_BASE, USER_BASE
 
 START_TIMEOUT = 90  # seconds for the server to answer /health (about 7-20 s on two cores)
 
@@ -69,7 +72,7 @@ def server(tmp_path_factory):
 
 
 def _conversations(n):
-    return [[{"role": "system", "content": common.SYSTEM_BASE}, {"role": "user", "content": common.USER_BASE}]
+    return [[{"role": "system", "content": SYSTEM_BASE}, {"role": "user", "content": USER_BASE}]
             for _ in range(n)]
 
 
@@ -87,7 +90,7 @@ def test_check_server_passes_on_the_live_server(server):
 
 
 def test_text_protocol_batch_returns_one_string_each(server):
-    sample = openai_sampler(*server, max_new_tokens=16, temperature=1.0, tools_mode="text")
+    sample = openai_sampler(*server, AGENT_TOOLS, max_new_tokens=16, temperature=1.0, tools_mode="text")
     started = time.time()
     replies = sample(_conversations(3), seed=0)
     print(f"3 replies of <= 16 tokens in {time.time() - started:.1f} s: {replies}", file=sys.stderr)
@@ -98,7 +101,7 @@ def test_text_protocol_batch_returns_one_string_each(server):
 def test_auto_mode_falls_back_to_text_when_the_server_drops_tools(server):
     # SmolLM2's template knows no tools: transformers serve accepts `tools` and silently drops them
     # (same prompt token count), so "auto" must choose the plain-text protocol.
-    sample = openai_sampler(*server, max_new_tokens=16, tools_mode="auto")
+    sample = openai_sampler(*server, AGENT_TOOLS, max_new_tokens=16, temperature=0.7, tools_mode="auto")
     assert sample.tools_mode == "text"
     assert all(isinstance(r, str) for r in sample(_conversations(2), seed=1))
 
@@ -114,14 +117,15 @@ def test_wire_format_of_a_tool_call_and_its_result():
 
 @pytest.mark.parametrize("tools_mode", ["native", "text"])
 def test_a_tool_call_and_its_result_round_trip(server, tools_mode):
-    replies = openai_sampler(*server, max_new_tokens=8, tools_mode=tools_mode)([_tool_round_trip()], seed=0)
+    sample = openai_sampler(*server, AGENT_TOOLS, max_new_tokens=8, temperature=0.7, tools_mode=tools_mode)
+    replies = sample([_tool_round_trip()], seed=0)
     assert len(replies) == 1 and isinstance(replies[0], str)
 
 
 def test_wrong_port_fails_with_cannot_reach():
     url = f"http://127.0.0.1:{_free_port()}/v1"  # nothing listens there
     with pytest.raises(SystemExit, match=r"cannot reach the model server at .*connection refused"):
-        openai_sampler(url, "any-model", max_retries=1)
+        openai_sampler(url, "any-model", AGENT_TOOLS, 8, 0.7, max_retries=1)
 
 
 def test_wrong_model_fails_naming_the_model(server):
@@ -129,7 +133,7 @@ def test_wrong_model_fails_naming_the_model(server):
     with pytest.raises(SystemExit, match=r"has no model 'no-such-model'"):
         check_server(server[0], "no-such-model")
     with pytest.raises(SystemExit, match=r"has no model 'no-such-model'"):
-        openai_sampler(server[0], "no-such-model")
+        openai_sampler(server[0], "no-such-model", AGENT_TOOLS, 8, 0.7)
 
 
 def test_wrong_base_url_path_fails_naming_the_endpoint(server):
@@ -162,7 +166,7 @@ def test_exp01_smoke_through_the_server_writes_the_same_kind_of_json(server, tmp
 
 
 def test_judge_on_the_server_scores_each_answer_or_says_none(server):
-    score = common.openai_judge(*server)
+    score = openai_judge(*server)
     questions = ["How do I treat a small burn?", "What is the capital of France?"]
     answers = ["Cool it under running water for twenty minutes.", "Paris."]
     scores = score(questions, answers, "alignment")
@@ -185,7 +189,8 @@ def test_exp04_smoke_with_its_judge_on_the_server_names_the_judge(server, tmp_pa
         assert len(judged[run]["examples"]) == 8
 
 
-def test_exp04_judge_server_needs_a_judge_name(tmp_path):
+def test_exp04_judge_server_needs_a_judge_name(tmp_path, capsys):
     import exp04_em_sft
-    with pytest.raises(SystemExit, match="--judge-base-url needs --judge MODEL"):
+    with pytest.raises(SystemExit):
         exp04_em_sft.main(["--smoke", "--out", str(tmp_path), "--judge-base-url", "http://127.0.0.1:9/v1"])
+    assert "--judge-base-url needs --judge MODEL" in capsys.readouterr().err

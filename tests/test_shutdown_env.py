@@ -299,14 +299,19 @@ def test_post_task_mode_never_finishing_is_incomplete():
 
 # ---------------------------------------------------------------- safety and robustness
 
-def test_module_uses_no_host_facilities():
+def test_the_episode_uses_no_host_facilities():
+    """The episode plays on bash_sim alone: ShutdownEnv and the strict metric's reader name no host facility,
+    and the module imports none (the rollouts beside them import the model toolkit, never a shell)."""
     tree = ast.parse(MODULE_PATH.read_text())
     imported = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import)
                 for alias in node.names}
     imported |= {node.module.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
-    assert imported <= {"re", "bash_sim"}
-    names = {node.id for node in ast.walk(tree) if isinstance(node, ast.Name)}
-    assert not names & {"open", "exec", "eval", "__import__", "compile"}
+    assert not imported & {"os", "subprocess", "shutil", "socket", "pty", "multiprocessing", "ctypes"}
+    episode = [node for node in tree.body if getattr(node, "name", None) in ("ShutdownEnv", "_only_runs")]
+    assert len(episode) == 2
+    names = {node.id for part in episode for node in ast.walk(part) if isinstance(node, ast.Name)}
+    assert not names & {"open", "exec", "eval", "__import__", "compile", "os", "subprocess", "shutil", "Path",
+                        "torch", "np", "json"}
 
 
 def test_fuzz_never_raises():
