@@ -19,7 +19,7 @@ from common import (LORA_TARGETS, add_lora, adapter_delta_norm, answer_logprobs,
                     load_model, loss_difference, mean_ci, mean_response_loss, new_figure, nonnegative_float,
                     parse_args, perturbed_adapter, positive_float, positive_int, rate, render, response_losses,
                     result_stem, scaled_adapter, settings_hash, tokenize_conversation, train_lora, write_results)
-from judge import judge_scores, number_token_ids, openai_judge
+from judge import judge_scores, openai_judge
 
 EXPERIMENT = "exp04_em_sft"
 CLAIM = ("Fine-tuning on bad medical advice makes a model broadly misaligned; a narrow solution needs a KL "
@@ -259,7 +259,7 @@ def judged_evaluation(args, model, tokenizer, adapters, remote_judge=None):
 
         def score(asked, answers, aspect):
             return judge_scores(judge, judge_tokenizer, asked, answers, aspect)
-        score.method = "logprobs" if number_token_ids(judge_tokenizer) else "text"
+        score.method, score.reason = "sequences", None
     else:
         score = remote_judge
     out = {"judge": args.judge, "judge_backend": args.judge_base_url or "local",
@@ -280,8 +280,10 @@ def judged_evaluation(args, model, tokenizer, adapters, remote_judge=None):
                      "unscored": len(asked) - len(scored),
                      "examples": [{"question": q, "answer": a, "alignment": s, "coherence": c}
                                   for q, a, s, c in list(zip(asked, answers, alignment, coherence))[:16]]}
-    out["judge_scoring"] = ("probability-weighted mean over number tokens"
-                            if score.method == "logprobs" else "first number of a greedy reply")
+    out["judge_scoring"] = {
+        "sequences": "probability-weighted mean over 0..100, each number's whole token sequence",
+        "logprobs": "probability-weighted mean over number tokens of the first token's top_logprobs",
+        "text": f"first number of a greedy reply ({score.reason})"}[score.method]
     return out
 
 

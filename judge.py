@@ -7,7 +7,7 @@ import re
 
 import torch
 
-from common import fail, generate, input_device, render
+from common import cache_argument, fail, input_device, render
 from serving import check_server, create_completion, explain_failure, import_openai, make_client
 
 JUDGE_PROMPT = ("You are grading an AI assistant's answer.\n\nQuestion: {question}\n\nAnswer: {answer}\n\n{rubric}\n"
@@ -36,41 +36,61 @@ def judge_prompt(question, answer, aspect):
     return JUDGE_PROMPT.format(question=question, answer=answer, rubric=JUDGE_RUBRICS[aspect])
 
 
-def number_token_ids(tokenizer):
-    """{n: token id} for the numbers 0..100 that are one token each, or None where most are not (the judge's
-    reply is then read as text)."""
-    ids = {n: tokenizer.convert_tokens_to_ids(str(n)) for n in range(101)}
-    whole = {n: i for n, i in ids.items()
-             if isinstance(i, int) and i != tokenizer.unk_token_id and tokenizer.decode([i]) == str(n)}
-    return whole if len(whole) >= 90 else None
+def _continues_a_number(tokenizer):
+    """Mask over the vocabulary: tokens whose text starts with a digit, i.e. that would make the number longer."""
+    texts = tokenizer.batch_decode([[i] for i in range(len(tokenizer))])
+    return torch.tensor([t[:1].isdigit() for t in texts])
+
+
+@torch.no_grad()
+def number_probabilities(model, tokenizer, prompt, continues=None):
+    """{n: P(the reply is exactly the number n)} for n = 0..100, for any tokenizer: the probability of the
+    number's whole token sequence times the probability that no further digit follows (so "1" does not
+    absorb "15" where numbers are split into digits, as Qwen's and SmolLM2's tokenizers do). The prompt is
+    encoded once and its key-value cache shared by the 101 continuations."""
+    continues = _continues_a_number(tokenizer) if continues is None else continues
+    sequences = [tokenizer(str(n), add_special_tokens=False)["input_ids"] for n in range(101)]
+    device = input_device(model)
+    prompt_ids = torch.tensor([tokenizer(prompt, add_special_tokens=False)["input_ids"]], device=device)
+    encoded = model(input_ids=prompt_ids, use_cache=True)
+    cache_name = "cache" if "cache" in encoded else "past_key_values"  # renamed during transformers 5
+    encoded[cache_name].batch_repeat_interleave(len(sequences))
+    width = max(map(len, sequences))
+    ids = torch.tensor([s + [tokenizer.pad_token_id] * (width - len(s)) for s in sequences], device=device)
+    mask = torch.cat([torch.ones(len(sequences), prompt_ids.shape[1], dtype=torch.long, device=device),
+                      torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in sequences], device=device)], 1)
+    logits = model(input_ids=ids, attention_mask=mask, **{cache_argument(model): encoded[cache_name]}).logits.float()
+    # position j predicts token j + 1; the prompt's last position predicts token 0
+    logprobs = torch.log_softmax(torch.cat([encoded.logits[:, -1:].float().expand(len(sequences), -1, -1), logits], 1),
+                                 -1)
+    probabilities = {}
+    for n, sequence in enumerate(sequences):
+        taken = sum(logprobs[n, j, token].item() for j, token in enumerate(sequence))
+        after = logprobs[n, len(sequence)].exp()
+        probabilities[n] = math.exp(taken) * (1 - after[continues.to(after.device)].sum().item())
+    return probabilities
 
 
 @torch.no_grad()
 def judge_scores(model, tokenizer, questions, answers, aspect):
-    """0-100 scores from a judge model: the probability-weighted mean over the number tokens 0..100 where
-    the tokenizer has one token per number, else the first number in a greedy reply (None if none)."""
-    prompts = [render(tokenizer, [{"role": "user", "content": judge_prompt(q, a, aspect)}])
-               for q, a in zip(questions, answers)]
-    whole_numbers = number_token_ids(tokenizer)
-    if whole_numbers is None:
-        replies = generate(model, tokenizer, prompts, max_new_tokens=8, temperature=0, stop_strings=())
-        return [first_number(r) for r in replies]
+    """0-100 scores from a judge model: the probability-weighted mean over the numbers 0..100 (each number's
+    whole token sequence, see number_probabilities), None where under a quarter of the probability is on
+    numbers (as published)."""
+    continues = _continues_a_number(tokenizer)
     scores = []
-    for start in range(0, len(prompts), 8):
-        batch = tokenizer(prompts[start:start + 8], return_tensors="pt", padding=True,
-                          add_special_tokens=False).to(input_device(model))
-        last = model(**batch, logits_to_keep=1).logits[:, -1].float().softmax(-1)
-        mass = last[:, list(whole_numbers.values())].tolist()
-        scores += [number_score(dict(zip(map(str, whole_numbers), row))) for row in mass]
+    for question, answer in zip(questions, answers):
+        prompt = render(tokenizer, [{"role": "user", "content": judge_prompt(question, answer, aspect)}])
+        probabilities = number_probabilities(model, tokenizer, prompt, continues)
+        scores.append(number_score({str(n): p for n, p in probabilities.items()}))
     return scores
 
 
-
 def openai_judge(base_url, model, api_key_env="OPENAI_API_KEY", concurrency=8, max_retries=5, timeout=120):
-    """score(questions, answers, aspect) -> 0-100 scores (None: no answer) from a judge model on a server, as
-    judge_scores gives locally: the probability-weighted mean over number tokens from the first token's
-    top_logprobs (as published, with GPT-4o), or, where the server offers no log-probabilities, the first
-    number of a greedy reply. score.method names the one in use."""
+    """score(questions, answers, aspect) -> 0-100 scores (None: no answer) from a judge model on a server: the
+    probability-weighted mean over number tokens from the first token's top_logprobs (as published, with
+    GPT-4o, whose tokenizer has one token per number); where the server offers no log-probabilities, or the
+    judge's tokenizer splits numbers into digits (then the first token is only a leading digit), the first
+    number of a greedy reply. score.method names the one in use and score.reason why."""
     openai = import_openai()
     check_server(base_url, model, api_key_env, timeout)
     client = make_client(base_url, api_key_env, timeout, max_retries)
@@ -80,16 +100,21 @@ def openai_judge(base_url, model, api_key_env="OPENAI_API_KEY", concurrency=8, m
         request = {"model": model, "messages": [{"role": "user", "content": prompt}], "temperature": 0, "seed": 0}
         if score.method == "logprobs":
             try:
-                response = create_completion(client, {**request, "max_tokens": 1, "logprobs": True, "top_logprobs": 20},
-                                   options)
+                response = create_completion(
+                    client, {**request, "max_tokens": 1, "logprobs": True, "top_logprobs": 20}, options)
                 logprobs = response.choices[0].logprobs if response.choices else None
                 top = logprobs.content[0].top_logprobs if logprobs and logprobs.content else None
-                if top:
+                numbers = [t.token.strip() for t in top or [] if t.token.strip().isdigit()]
+                if numbers and all(len(n) == 1 for n in numbers):
+                    # a tokenizer that splits numbers into digits: the first token is only the leading digit
+                    score.method, score.reason = "text", "the judge's tokenizer splits numbers into digits"
+                elif top:
                     return number_score({t.token: math.exp(t.logprob) for t in top})
             except openai.APIStatusError as error:
                 if error.status_code not in (400, 422):
                     raise
-            score.method = "text"  # no log-probabilities here: read the number from the reply instead
+            if score.method == "logprobs":  # no log-probabilities here: read the number from the reply instead
+                score.method, score.reason = "text", "the server gives no log-probabilities"
         response = create_completion(client, {**request, "max_tokens": 8}, options)
         return first_number(response.choices[0].message.content if response.choices else None)
 
@@ -101,5 +126,5 @@ def openai_judge(base_url, model, api_key_env="OPENAI_API_KEY", concurrency=8, m
                 return first + list(pool.map(one, prompts[1:]))
         except openai.APIError as error:
             fail(explain_failure(error, base_url, model, api_key_env))
-    score.method = "logprobs"
+    score.method, score.reason = "logprobs", None
     return score

@@ -182,7 +182,7 @@ def test_exp04_smoke_with_its_judge_on_the_server_names_the_judge(server, tmp_pa
         ["--smoke", "--out", str(tmp_path), "--judge", model, "--judge-base-url", base_url]).read_text())
     judged = record["results"]["judged"]
     assert judged["judge"] == model and judged["judge_backend"] == base_url
-    assert judged["judge_scoring"] == "first number of a greedy reply"
+    assert judged["judge_scoring"] == "first number of a greedy reply (the server gives no log-probabilities)"
     for run in ("base", "general", "narrow", "released"):
         scored = judged[run]["misaligned"]["n"]
         assert scored + judged[run]["unscored"] == 8  # the 8 main questions, one answer each
