@@ -327,7 +327,7 @@ _REFUSES_SYSTEM = {}  # chat template text -> whether it raises on a system mess
 def refuses_system_role(tokenizer):
     """Whether the template raises on a system message (Gemma 2: "System role not supported")."""
     from jinja2 import TemplateError
-    template = tokenizer.chat_template
+    template = str(tokenizer.chat_template)  # a dict where a model ships several named templates
     if template not in _REFUSES_SYSTEM:
         try:
             tokenizer.apply_chat_template([{"role": "system", "content": "s"}, {"role": "user", "content": "u"}],
