@@ -300,12 +300,62 @@ def format_tool_call(name, arguments):
 
 def render(tokenizer, messages, tools=None, add_generation_prompt=True):
     """The prompt text for a conversation, in the model's own chat format; tools natively where the
-    template supports them (Qwen, Llama 3.1, Hermes), else as a plain-text protocol in the system prompt."""
-    if tools and template_supports_tools(tokenizer):
+    template supports them (Qwen, Llama 3.1, Hermes, gpt-oss), else as a plain-text protocol in the system
+    prompt. Where the template refuses the system role (Gemma 2), the system prompt opens the first user turn.
+    A model without a chat template, or whose template fails on the conversation, is a one-line error."""
+    if not tokenizer.chat_template:
+        fail(f"{tokenizer.name_or_path or 'the model'} has no chat template: use an instruction-tuned model")
+    if not (tools and template_supports_tools(tokenizer)):
+        messages, tools = plain_messages(messages, tools), None
+    if refuses_system_role(tokenizer):
+        messages = fold_system_prompt(messages)
+    return _apply_template(tokenizer, messages, tools, add_generation_prompt)
+
+
+def _apply_template(tokenizer, messages, tools, add_generation_prompt):
+    from jinja2 import TemplateError
+    try:
         return tokenizer.apply_chat_template(messages, tools=tools, tokenize=False,
                                              add_generation_prompt=add_generation_prompt)
-    return tokenizer.apply_chat_template(plain_messages(messages, tools), tokenize=False,
-                                         add_generation_prompt=add_generation_prompt)
+    except TemplateError as error:
+        fail(f"the chat template of {tokenizer.name_or_path or 'the model'} cannot render the conversation: {error}")
+
+
+_REFUSES_SYSTEM = {}  # chat template text -> whether it raises on a system message
+
+
+def refuses_system_role(tokenizer):
+    """Whether the template raises on a system message (Gemma 2: "System role not supported")."""
+    from jinja2 import TemplateError
+    template = str(tokenizer.chat_template)  # a dict where a model ships several named templates
+    if template not in _REFUSES_SYSTEM:
+        try:
+            tokenizer.apply_chat_template([{"role": "system", "content": "s"}, {"role": "user", "content": "u"}],
+                                          tokenize=False, add_generation_prompt=True)
+            _REFUSES_SYSTEM[template] = False
+        except TemplateError:
+            _REFUSES_SYSTEM[template] = True
+    return _REFUSES_SYSTEM[template]
+
+
+def fold_system_prompt(messages):
+    """The system prompt put at the head of the first user turn, and turns of one role in a row joined: the
+    templates that refuse the system role also demand strictly alternating user and assistant turns."""
+    system = "\n\n".join(m["content"] for m in messages if m["role"] == "system" and m.get("content"))
+    folded = []
+    for message in (m for m in messages if m["role"] != "system"):
+        if message["role"] == "user" and system:
+            message, system = {**message, "content": f"{system}\n\n{message.get('content') or ''}"}, ""
+        if folded and folded[-1]["role"] == message["role"]:
+            folded[-1] = {**folded[-1], "content": f"{folded[-1]['content']}\n\n{message.get('content') or ''}"}
+        else:
+            folded.append(message)
+    return folded
+
+
+def system_prompt_handling(tokenizer):
+    """How the system prompt reaches the model, for the results' JSON."""
+    return "folded into the first user turn" if refuses_system_role(tokenizer) else "as given"
 
 
 def tool_call_message(name, arguments, content=""):
@@ -327,9 +377,31 @@ def render_reply(tokenizer, messages, reply, tools=None):
     return prompt, text + (tokenizer.eos_token or "")
 
 
+HARMONY_CALL = re.compile(r"(?:<\|start\|>assistant)?(?:<\|channel\|>commentary)? ?to=functions\.([\w.-]+)"
+                          r"(?:<\|channel\|>commentary)?[^<]*(?:<\|constrain\|>[^<]*)?<\|message\|>(.*?)"
+                          r"(?:<\|call\|>|\Z)", re.S)
+HARMONY_MESSAGE = re.compile(r"(?:<\|start\|>assistant)?<\|channel\|>(analysis|commentary|final)<\|message\|>(.*?)"
+                             r"(?:<\|end\|>|<\|return\|>|<\|call\|>|\Z)", re.S)
+
+
+def harmony_as_tags(text):
+    """A gpt-oss (harmony) reply in the tags the rest of the parsing reads: analysis and commentary text as
+    <think> blocks, the final channel as the visible text, and each call to=functions.NAME ... <|message|>
+    ARGS<|call|> as <tool_call>{"name": NAME, "arguments": ARGS}</tool_call>. Other text is left as it is."""
+    if "<|channel|>" not in text and "to=functions." not in text:
+        return text
+    calls = [f'<tool_call>{{"name": "{name}", "arguments": {arguments.strip()}}}</tool_call>'
+             for name, arguments in HARMONY_CALL.findall(text)]
+    text = HARMONY_CALL.sub("", text)
+    parts = [f"<think>{body.strip()}</think>" if channel != "final" else body.strip()
+             for channel, body in HARMONY_MESSAGE.findall(text)]
+    return "\n".join(parts + calls)
+
+
 def split_thinking(text):
     """(thinking, rest): <think>...</think> and similar blocks are split off and kept; an unclosed one
     (the model ran out of tokens while thinking) is all thinking."""
+    text = harmony_as_tags(text)
     thoughts = []
     for tag in THINKING_TAGS:
         pattern = re.compile(rf"<{tag}>(.*?)(?:</{tag}>|\Z)", re.S)
@@ -375,14 +447,32 @@ def parse_tool_call(text):
     """(name, arguments) of the first tool call in a model's reply, or None. Reads the formats models
     actually emit: <tool_call> JSON (Qwen, Hermes, our plain protocol), a bare JSON call (Llama 3.1),
     a fenced bash block, a submit(...) line, and a bare command line."""
+    return (parse_tool_calls(text) or [None])[0]
+
+
+def parse_tool_calls(text):
+    """Every tool call of a reply, in order: all <tool_call> blocks (and harmony calls, rewritten as such),
+    else the one call that the other formats hold. Empty when there is none."""
     _, text = split_thinking(text)
-    tagged = re.search(r"<tool_call>(.*?)(?:</tool_call>|\Z)", text, re.S)
-    candidate = _first_json_object(tagged.group(1) if tagged else text.replace("<|python_tag|>", ""))
+    call = _one_tool_call(text)
+    if call is None:
+        return []
+    tagged = [_call_from_json(block) for block in re.findall(r"<tool_call>(.*?)</tool_call>", text, re.S)]
+    return [call] + [c for c in tagged[1:] if c] if tagged and tagged[0] == call else [call]
+
+
+def _call_from_json(text):
+    candidate = _first_json_object(text)
     if isinstance(candidate, dict) and "name" in candidate:
-        arguments = candidate.get("arguments", candidate.get("parameters", {}))
-        call = _normalise_call(candidate["name"], arguments)
-        if call:
-            return call
+        return _normalise_call(candidate["name"], candidate.get("arguments", candidate.get("parameters", {})))
+    return None
+
+
+def _one_tool_call(text):
+    tagged = re.search(r"<tool_call>(.*?)(?:</tool_call>|\Z)", text, re.S)
+    call = _call_from_json(tagged.group(1) if tagged else text.replace("<|python_tag|>", ""))
+    if call:
+        return call
     # a fenced block is a command when tagged as shell, or when it starts like one (not output or prose)
     fenced = re.search(r"```(bash|sh|shell|console)?[ \t]*\n(.*?)```", text, re.S)
     if fenced and fenced.group(2).strip() and (fenced.group(1) or _looks_like_command(fenced.group(2))):
@@ -411,19 +501,47 @@ def reply_message(text):
     if call:
         message["tool_calls"] = [{"type": "function", "function": {"name": call[0], "arguments": call[1]}}]
         message["content"] = re.split(r"<tool_call>|```", visible)[0].strip()
+        # the first call runs, as in the published harness; the others are kept in the record
+        ignored = parse_tool_calls(text)[1:]
+        if ignored:
+            message["ignored_tool_calls"] = [{"name": name, "arguments": arguments} for name, arguments in ignored]
     return message
 
 
 def chat_messages(messages):
-    """Messages as the chat template sees them (our bookkeeping keys dropped)."""
-    return [{k: v for k, v in m.items() if k in ("role", "content", "tool_calls", "name")} for m in messages]
+    """Messages as the chat template sees them (our bookkeeping keys dropped). A reply's thinking goes under
+    the keys the official templates read, `reasoning_content` (Qwen3, DeepSeek) and `thinking` (gpt-oss), so a
+    template that keeps the thinking of a tool-call chain keeps it; templates without thinking ignore both."""
+    chat = []
+    for m in messages:
+        message = {k: v for k, v in m.items() if k in ("role", "content", "tool_calls", "name")}
+        if m.get("thinking"):
+            message.update(reasoning_content=m["thinking"], thinking=m["thinking"])
+        chat.append(message)
+    return chat
 
 
 # ===================================================================================== generation
 
+def is_harmony(tokenizer):
+    """gpt-oss's harmony format: a turn holds several messages (<|end|> ends one, not the turn), and replies
+    are read with their special tokens, which carry the channels and the tool calls."""
+    return "<|channel|>" in (tokenizer.chat_template or "")
+
+
+def thinking_tags(tokenizer):
+    """(opening, closing) of the thinking block the template's models write (Qwen3 and DeepSeek-R1 <think>,
+    harmony's analysis channel), or None for models that do not think."""
+    if is_harmony(tokenizer):
+        return "<|channel|>analysis<|message|>", "<|end|>"
+    return ("<think>", "</think>") if "<think>" in (tokenizer.chat_template or "") else None
+
+
 def stop_token_ids(tokenizer, model):
     ids = set()
-    for token in (tokenizer.eos_token, "<|im_end|>", "<|eot_id|>", "<|end|>", "<|return|>", "<|call|>",
+    # harmony: <|end|> closes the analysis message, and the turn goes on to the call (<|call|>) or <|return|>
+    end = () if is_harmony(tokenizer) else ("<|end|>",)
+    for token in (tokenizer.eos_token, "<|im_end|>", "<|eot_id|>", "<|eom_id|>", *end, "<|return|>", "<|call|>",
                   "<end_of_turn>", "<|endoftext|>"):
         token_id = tokenizer.convert_tokens_to_ids(token) if token else None
         if isinstance(token_id, int) and token_id != tokenizer.unk_token_id:
@@ -433,9 +551,17 @@ def stop_token_ids(tokenizer, model):
     return sorted(ids)
 
 
+def decode_reply(tokenizer, tokens, skip_special_tokens=True):
+    """A reply's text; where special tokens are kept (harmony), the padding after the reply is dropped."""
+    if skip_special_tokens:
+        return tokenizer.decode(tokens, skip_special_tokens=True)
+    tokens = [t for t in (tokens.tolist() if hasattr(tokens, "tolist") else tokens) if t != tokenizer.pad_token_id]
+    return tokenizer.decode(tokens)
+
+
 @torch.no_grad()
 def generate(model, tokenizer, prompts, max_new_tokens=256, temperature=1.0, seed=0, batch_size=16,
-             stop_strings=("</tool_call>",)):
+             stop_strings=("</tool_call>",), skip_special_tokens=True):
     """Sample one reply per prompt, many at once (left padding), stopping at the end of the turn."""
     torch.manual_seed(seed)
     replies = [None] * len(prompts)
@@ -450,7 +576,7 @@ def generate(model, tokenizer, prompts, max_new_tokens=256, temperature=1.0, see
                                 stop_strings=list(stop_strings) or None, tokenizer=tokenizer)
         new_tokens = output[:, batch["input_ids"].shape[1]:]
         for i, tokens in zip(chunk, new_tokens):
-            replies[i] = tokenizer.decode(tokens, skip_special_tokens=True)
+            replies[i] = decode_reply(tokenizer, tokens, skip_special_tokens)
     return replies
 
 
@@ -566,7 +692,8 @@ class ConversationBatch:
         return self.feed(new_tokens)
 
     @torch.no_grad()
-    def sample(self, prompt_tokens, max_new_tokens, temperature, generator, stop_ids, stop_strings):
+    def sample(self, prompt_tokens, max_new_tokens, temperature, generator, stop_ids, stop_strings,
+               skip_special_tokens=True):
         """One reply per row after its prompt: sampled at `temperature` (0: greedy) until a stop token or
         stop string (kept in the reply, as generate() keeps it) or max_new_tokens."""
         logits = self.prompt(prompt_tokens)
@@ -589,7 +716,7 @@ class ConversationBatch:
             logits = self.feed([[r[-1]] if on else None for r, on in zip(replies, running)])
         texts = []
         for reply in replies:
-            text = self.tokenizer.decode(reply, skip_special_tokens=True)
+            text = decode_reply(self.tokenizer, reply, skip_special_tokens)
             for stop in stop_strings:
                 if stop in text:
                     text = text[:text.index(stop) + len(stop)]
@@ -896,7 +1023,9 @@ def add_lora(model, rank=32, alpha=64, rslora=True, targets=LORA_TARGETS, layer=
 
 def tokenize_conversation(tokenizer, messages, tools=None, max_length=1024):
     """(input_ids, labels) for one conversation; labels are -100 everywhere but the assistant's own
-    tokens, so the loss covers the responses only."""
+    tokens, so the loss covers the responses only. Turn by turn where the template renders earlier turns the
+    same once a reply follows; else (Qwen3 drops empty thinking from earlier turns) through trl's training
+    version of the template, which renders every turn alike and marks the assistant's tokens."""
     ids, labels, rendered = [], [], ""
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
@@ -904,12 +1033,27 @@ def tokenize_conversation(tokenizer, messages, tools=None, max_length=1024):
         prompt = render(tokenizer, messages[:i], tools)
         full = render(tokenizer, messages[:i + 1], tools, add_generation_prompt=False)
         if not (prompt.startswith(rendered) and full.startswith(prompt)):
-            raise ValueError("the chat template renders earlier turns differently once a reply follows")
+            return _tokenize_with_training_template(tokenizer, messages, tools, max_length)
         context = tokenizer(prompt[len(rendered):], add_special_tokens=False)["input_ids"]
         reply = tokenizer(full[len(prompt):], add_special_tokens=False)["input_ids"]
         ids += context + reply
         labels += [-100] * len(context) + reply
         rendered = full
+    return ids[:max_length], labels[:max_length]
+
+
+def _tokenize_with_training_template(tokenizer, messages, tools, max_length):
+    from trl.chat_template_utils import get_training_chat_template
+    template = get_training_chat_template(tokenizer)
+    if template is None:
+        fail("the chat template renders earlier turns differently once a reply follows, and trl has no training "
+             "version of it: the assistant's tokens cannot be told apart")
+    if not (tools and template_supports_tools(tokenizer)):
+        messages, tools = plain_messages(messages, tools), None
+    encoded = tokenizer.apply_chat_template(chat_messages(messages), tools=tools, chat_template=template,
+                                            tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+    ids = list(encoded["input_ids"])
+    labels = [t if masked else -100 for t, masked in zip(ids, encoded["assistant_masks"])]
     return ids[:max_length], labels[:max_length]
 
 

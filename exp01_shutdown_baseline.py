@@ -47,7 +47,7 @@ def main(argv=None):
     results = {"conditions": {n: {"description": conditions[n]["description"],
                                   "custom_text": conditions[n] != SHUTDOWN_CONDITIONS[n],
                                   **summaries[n], "forced_choice": choices[n]} for n in names},
-               "tool_protocol": sample.tools_mode, "backend": args.backend,
+               "tool_protocol": sample.tools_mode, "system_prompt": sample.system_prompt, "backend": args.backend,
                "transcripts": f"{result_stem(args)}_episodes.jsonl"}
     figure = plot_shutdown(names, summaries, choices, f"exp01 Palisade A-K, {args.model}")
     return write_results(args, EXPERIMENT, CLAIM, results, figure, started)

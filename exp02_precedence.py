@@ -63,7 +63,8 @@ def main(argv=None):
 
     results = {"conditions": {n: {"description": conditions[n]["description"], **summaries[n],
                                   "forced_choice": choices[n], "reasoning": reasoning[n]} for n in names},
-               "contrasts": contrasts, "tool_protocol": sample.tools_mode, "backend": args.backend,
+               "contrasts": contrasts, "tool_protocol": sample.tools_mode, "system_prompt": sample.system_prompt,
+               "backend": args.backend,
                "transcripts": f"{result_stem(args)}_episodes.jsonl"}
     figure = plot_shutdown(names, summaries, choices, f"exp02 precedence, {args.model}")
     return write_results(args, EXPERIMENT, CLAIM, results, figure, started)

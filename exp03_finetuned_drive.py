@@ -101,7 +101,8 @@ def main(argv=None):
 
     # 4. The shutdown environment, every cell with the same episodes (resumable), and the forced choice.
     records, choices = {}, {}
-    sample = local_sampler(model, tokenizer, args.max_new_tokens, args.temperature, args.batch_size)
+    sample = local_sampler(model, tokenizer, args.max_new_tokens, args.temperature, args.batch_size,
+                           args.max_thinking_tokens)
     for name in ("base", "drive", "control"):
         use(name)
         cells = {f"{name}/{c}": {**conditions[c], "adapter": str(adapters.get(name, "base"))}
@@ -124,7 +125,7 @@ def main(argv=None):
                "generalisation": {"workaround_minus_stop_logprob": {n: mean_ci(v, seed=args.seed)
                                                                      for n, v in generalisation.items()},
                                   "drive_minus": drive_effect, "n_heldout": len(heldout)},
-               "n_train_per_adapter": len(drive), "runs_dir": str(runs_dir),
+               "system_prompt": sample.system_prompt, "n_train_per_adapter": len(drive), "runs_dir": str(runs_dir),
                "transcripts": f"{result_stem(args)}_episodes.jsonl"}
     figure = plot_shutdown(names, summaries, choices, f"exp03 fine-tuned drive, {args.model}")
     return write_results(args, EXPERIMENT, CLAIM, results, figure, started)

@@ -125,14 +125,21 @@ def _wire_messages(messages):
                                    "arguments": _json_arguments(c["function"]["arguments"])}}
                      for k, c in enumerate(message["tool_calls"])]
             pending = [c["id"] for c in calls]
-            wire.append({"role": "assistant", "content": content or None, "tool_calls": calls})
+            wire.append({"role": "assistant", "content": content or None, "tool_calls": calls,
+                         **_reasoning(message)})
         elif role == "tool" and pending:
             wire.append({"role": "tool", "tool_call_id": pending.pop(0), "content": content})
         elif role == "tool":  # a result answering no call would be refused: show it as plain text instead
             wire.append({"role": "user", "content": f"[{message.get('name', 'tool')} output]\n{content}"})
         else:
-            wire.append({"role": role, "content": content})
+            wire.append({"role": role, "content": content, **(_reasoning(message) if role == "assistant" else {})})
     return wire
+
+
+def _reasoning(message):
+    """A reply's reasoning as vLLM and SGLang take it back (`reasoning_content`; their chat templates keep it
+    where the model's own does, as in Qwen3's tool-call chains); nothing where there was none."""
+    return {"reasoning_content": message["reasoning_content"]} if message.get("reasoning_content") else {}
 
 
 def _reply_text(message):
@@ -241,4 +248,5 @@ def openai_sampler(base_url, model, tools, max_new_tokens, temperature, concurre
             pool.shutdown(wait=False, cancel_futures=True)
 
     sample.tools_mode = tools_mode
+    sample.system_prompt = "as the server's chat template takes it"
     return sample

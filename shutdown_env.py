@@ -25,9 +25,10 @@ import torch
 
 from bash_sim import HOME, USER, BashSim, StopCommand, basename, parse
 from common import (AGENT_TOOLS, ConversationBatch, RecordFile, bootstrap_ci, chat_messages, choice_probabilities, fail,
-                    format_tool_call, full_attention_cache, generate, input_device, load_model, mean_ci, new_figure,
-                    nonnegative_float, positive_int, rate, rate_difference, render, render_reply, reply_message,
-                    result_stem, settings_hash, stop_token_ids, template_supports_tools, tool_call_message)
+                    format_tool_call, full_attention_cache, generate, input_device, is_harmony, load_model, mean_ci,
+                    new_figure, nonnegative_float, parse_tool_call, positive_int, rate, rate_difference, render,
+                    render_reply, reply_message, result_stem, settings_hash, stop_token_ids, system_prompt_handling,
+                    template_supports_tools, thinking_tags, tool_call_message)
 from serving import openai_sampler
 
 SHUTDOWN_PATH = HOME + "/shutdown.sh"
@@ -424,7 +425,11 @@ def add_rollout_flags(parser, server=True):
                         help="JSON file replacing any condition's texts: {\"A\": {\"system\": ..., \"user\": ...}}")
     parser.add_argument("--max-messages", type=positive_int, default=6,
                         help="model messages before an episode ends as incomplete (published: about 50)")
-    parser.add_argument("--max-new-tokens", type=positive_int, default=96, help="tokens per model message")
+    parser.add_argument("--max-new-tokens", type=positive_int, default=96,
+                        help="tokens per model message (for a model that thinks: per action, after its thinking)")
+    parser.add_argument("--max-thinking-tokens", type=positive_int, default=1024,
+                        help="for models that think (Qwen3, DeepSeek-R1, gpt-oss): thinking tokens per message, "
+                             "after which the thinking is closed and the action gets --max-new-tokens")
     parser.add_argument("--temperature", type=nonnegative_float, default=0.7, help="sampling temperature")
     parser.add_argument("--batch-size", type=positive_int, default=48, help="episodes per forward batch")
     if server:
@@ -472,24 +477,29 @@ def agent_step(env, messages, reply_text, condition):
         env.decision_index = len(messages)  # the model's next turn is the decision point
 
 
-def local_sampler(model, tokenizer, max_new_tokens, temperature, batch_size):
+def local_sampler(model, tokenizer, max_new_tokens, temperature, batch_size, max_thinking_tokens=None):
     """sample(conversations, seed, keys=None) -> one reply text per conversation (None: it no longer fits the
     context), from a local model, batched. With keys (one per conversation, the same from turn to turn), each
     batch keeps its key-value cache between turns (ConversationBatch) and finished conversations leave it;
-    without keys, or for a model whose cache cannot hold masked gaps, every turn re-encodes the whole history."""
+    without keys, or for a model whose cache cannot hold masked gaps, every turn re-encodes the whole history.
+    For a model that thinks (<think>, harmony's analysis channel), max_thinking_tokens bounds the thinking: a
+    reply still thinking then has its thinking closed, and every reply that thought gets max_new_tokens more
+    for its action, so a long thought never cuts the action off."""
     limit = getattr(model.config, "max_position_embeddings", None) or 10 ** 9
     cacheable = full_attention_cache(model) is not None
     stop_ids = stop_token_ids(tokenizer, model)
+    skip_special_tokens = not is_harmony(tokenizer)  # harmony's channels and calls are special tokens
+    tags = thinking_tags(tokenizer) if max_thinking_tokens else None
     batches = []  # the ConversationBatch of each group of conversations still running
 
-    def sample(conversations, seed, keys=None):
-        prompts = [render(tokenizer, chat_messages(m), AGENT_TOOLS) for m in conversations]
+    def draw(prompts, seed, keys, budget, stop_strings):
         tokens = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
-        fits = [len(t) + max_new_tokens <= limit for t in tokens]
+        fits = [len(t) + budget <= limit for t in tokens]
         if keys is None or not cacheable:
             replies = iter(generate(model, tokenizer, [p for p, ok in zip(prompts, fits) if ok],
-                                    max_new_tokens=max_new_tokens, temperature=temperature, seed=seed,
-                                    batch_size=batch_size))
+                                    max_new_tokens=budget, temperature=temperature, seed=seed,
+                                    batch_size=batch_size, stop_strings=stop_strings,
+                                    skip_special_tokens=skip_special_tokens))
             return [next(replies) if ok else None for ok in fits]
         prompt_of = {k: t for k, t, ok in zip(keys, tokens, fits) if ok}
         batches[:] = [b for b in batches if any(k in prompt_of for k in b.keys)]
@@ -503,11 +513,34 @@ def local_sampler(model, tokenizer, max_new_tokens, temperature, batch_size):
         replies = {}
         with torch.no_grad():
             for batch in batches:
-                texts = batch.sample([prompt_of[k] for k in batch.keys], max_new_tokens, temperature, generator,
-                                     stop_ids, ("</tool_call>",))
+                texts = batch.sample([prompt_of[k] for k in batch.keys], max_new_tokens=budget,
+                                     temperature=temperature, generator=generator, stop_ids=stop_ids,
+                                     stop_strings=stop_strings, skip_special_tokens=skip_special_tokens)
                 replies.update(zip(batch.keys, texts))
         return [replies.get(k) for k in keys]
+
+    def sample(conversations, seed, keys=None):
+        prompts = [render(tokenizer, chat_messages(m), AGENT_TOOLS) for m in conversations]
+        if tags is None:
+            return draw(prompts, seed, keys, max_new_tokens, ("</tool_call>",))
+        opening, closing = tags
+        thoughts = draw(prompts, seed, keys, max_thinking_tokens, ("</tool_call>", closing))
+        # replies that thought and have not acted yet: their thinking closed, they go on to the action
+        going_on = [i for i, (prompt, text) in enumerate(zip(prompts, thoughts))
+                    if text is not None and parse_tool_call(text) is None
+                    and (opening in text or prompt.rstrip().endswith(opening.strip()))]
+        for i in going_on:
+            if not thoughts[i].rstrip().endswith(closing):
+                thoughts[i] = thoughts[i].rstrip() + "\n" + closing
+            thoughts[i] += "\n\n" if closing == "</think>" else ""
+        actions = draw([prompts[i] + thoughts[i] for i in going_on], seed + 1,
+                       None if keys is None else [keys[i] for i in going_on], max_new_tokens, ("</tool_call>",))
+        for i, action in zip(going_on, actions):
+            thoughts[i] = None if action is None else thoughts[i] + action
+        return thoughts
     sample.tools_mode = "native" if template_supports_tools(tokenizer) else "text"
+    sample.system_prompt = system_prompt_handling(tokenizer)
+    sample.max_thinking_tokens = max_thinking_tokens if tags else None
     return sample
 
 
@@ -518,7 +551,8 @@ def make_sampler(args):
         return openai_sampler(args.base_url, args.model, AGENT_TOOLS, args.max_new_tokens, args.temperature,
                               args.concurrency, api_key_env=args.api_key_env), None, None
     model, tokenizer = load_model(args.model, args.gpu)
-    return local_sampler(model, tokenizer, args.max_new_tokens, args.temperature, args.batch_size), model, tokenizer
+    return local_sampler(model, tokenizer, args.max_new_tokens, args.temperature, args.batch_size,
+                         args.max_thinking_tokens), model, tokenizer
 
 
 def run_shutdown_episodes(sample, episodes, on_finish, seed=0, progress=None):
@@ -598,6 +632,8 @@ def run_shutdown_conditions(sample, args, conditions, names):
     from tqdm.auto import tqdm
     settings = {"model": args.model, "seed": args.seed, "max_messages": args.max_messages,
                 "max_new_tokens": args.max_new_tokens, "temperature": args.temperature}
+    if getattr(sample, "max_thinking_tokens", None):  # only models that think spend it
+        settings["max_thinking_tokens"] = sample.max_thinking_tokens
     records = RecordFile(f"{result_stem(args)}_episodes.jsonl", settings)
     ids = {name: [f"{name}/{i}/{settings_hash(conditions[name], 8)}" for i in range(args.n)] for name in names}
     todo = []
@@ -625,6 +661,10 @@ def shutdown_summary(records, seed=0):
             "reached_warning": rate(len(warned), len(records)),
             "used_a_tool": rate(sum(1 for r in records if r["tool_calls"] > 0), len(records)),
             "context_exceeded": sum(1 for r in records if r["context_exceeded"]),
+            # replies with no tool call (each answered by a nudge): many of them mean the format or budget is off
+            "turns_without_action": sum(1 for r in records for m in r["messages"]
+                                        if m["role"] == "assistant" and not m.get("tool_calls")),
+            "turns": sum(1 for r in records for m in r["messages"] if m["role"] == "assistant"),
             "mean_tool_calls": float(np.mean([r["tool_calls"] for r in records]))}
 
 

@@ -112,7 +112,28 @@ def test_wire_format_of_a_tool_call_and_its_result():
     assert call["tool_calls"][0]["id"] == result["tool_call_id"] == "call_2_0"
     assert json.loads(call["tool_calls"][0]["function"]["arguments"]) == {"command": "./next_question"}
     assert result == {"role": "tool", "tool_call_id": "call_2_0", "content": "What is 1 + 1?"}
-    assert all(set(m) <= {"role", "content", "tool_calls", "tool_call_id"} for m in wire)  # bookkeeping dropped
+    assert all(set(m) <= {"role", "content", "tool_calls", "tool_call_id", "reasoning_content"}
+               for m in wire)  # bookkeeping dropped
+
+
+def test_reasoning_goes_back_and_every_tool_call_of_a_reply_is_recorded():
+    """On a reply shaped as vLLM returns it (reasoning_content, two tool calls): the reasoning is kept as
+    thinking and sent back with the assistant message, the first call runs and the second is recorded."""
+    from types import SimpleNamespace
+
+    from serving import _reply_text
+
+    def call(command):
+        return SimpleNamespace(function=SimpleNamespace(name="bash", arguments=json.dumps({"command": command})))
+
+    reply = SimpleNamespace(content=None, reasoning_content="Look first.",
+                            tool_calls=[call("cat shutdown.sh"), call("./next_question")])
+    message = common.reply_message(_reply_text(reply))
+    assert message["thinking"] == "Look first." and message["ignored_tool_calls"] == [
+        {"name": "bash", "arguments": {"command": "./next_question"}}]
+    assert message["tool_calls"][0]["function"]["arguments"] == {"command": "cat shutdown.sh"}
+    wire = _wire_messages([{"role": "user", "content": "u"}, message])
+    assert wire[1]["reasoning_content"] == "Look first." and len(wire[1]["tool_calls"]) == 1
 
 
 @pytest.mark.parametrize("tools_mode", ["native", "text"])

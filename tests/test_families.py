@@ -1,0 +1,198 @@
+"""Every major open model family through the whole path, offline: each family's official chat template (the
+copies trl ships) on the offline tokenizer with the family's special tokens added, and a tiny randomly
+initialised model of the family's real architecture. What a tiny random model writes is noise, so the
+parsing of each family's real replies is checked on replies written as the models really emit them."""
+import copy
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+import trl
+
+import common
+import shutdown_env
+
+TEMPLATES = Path(trl.__file__).parent / "chat_templates"
+LLAMA_TOKENS = ["<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>", "<|eom_id|>",
+                "<|python_tag|>"]
+GEMMA_TOKENS = ["<bos>", "<start_of_turn>", "<end_of_turn>"]
+# family: (template, special tokens, bos, eos, config class, extra config)
+FAMILIES = {
+    "qwen2.5": ("qwen2_5", ["<|im_start|>", "<|im_end|>", "<tool_call>", "</tool_call>"], None, "<|im_end|>",
+                "Qwen2Config", {}),
+    "qwen3": ("qwen3", ["<|im_start|>", "<|im_end|>", "<tool_call>", "</tool_call>", "<think>", "</think>"], None,
+              "<|im_end|>", "Qwen3Config", {"head_dim": 8}),
+    "llama3.1": ("llama3_1", LLAMA_TOKENS, "<|begin_of_text|>", "<|eot_id|>", "LlamaConfig", {}),
+    "llama3.2": ("llama3_2", LLAMA_TOKENS, "<|begin_of_text|>", "<|eot_id|>", "LlamaConfig", {}),
+    "gpt-oss": ("gptoss", ["<|start|>", "<|end|>", "<|message|>", "<|channel|>", "<|constrain|>", "<|return|>",
+                           "<|call|>"], None, "<|return|>", "GptOssConfig",
+                {"num_local_experts": 4, "num_experts_per_tok": 2, "head_dim": 8, "sliding_window": 16}),
+    "gemma2": ("gemma", GEMMA_TOKENS, "<bos>", "<end_of_turn>", "Gemma2Config", {"head_dim": 8, "sliding_window": 16}),
+    "gemma3": ("gemma3", GEMMA_TOKENS, "<bos>", "<end_of_turn>", "Gemma3TextConfig",
+               {"head_dim": 8, "sliding_window": 16}),
+    "deepseek-r1-distill": ("deepseek_r1_distill", ["<｜begin▁of▁sentence｜>", "<｜User｜>", "<｜Assistant｜>",
+                                                    "<｜end▁of▁sentence｜>", "<think>", "</think>"],
+                            "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "Qwen2Config", {}),
+}
+
+
+@pytest.fixture(scope="module", params=list(FAMILIES))
+def family(request, tokenizer):
+    """(name, tiny model, tokenizer) of one family."""
+    template, tokens, bos, eos, config_class, extra = FAMILIES[request.param]
+    family_tokenizer = copy.deepcopy(tokenizer)
+    family_tokenizer.add_special_tokens({"additional_special_tokens": tokens})
+    family_tokenizer.chat_template = (TEMPLATES / f"{template}.jinja").read_text()
+    family_tokenizer.eos_token = eos
+    if bos:
+        family_tokenizer.bos_token = bos
+    torch.manual_seed(0)
+    config = getattr(transformers, config_class)(
+        vocab_size=len(family_tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+        pad_token_id=family_tokenizer.pad_token_id, eos_token_id=family_tokenizer.eos_token_id, **extra)
+    model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    return request.param, model, family_tokenizer
+
+
+def test_each_family_runs_rollouts_forced_choice_tokenisation_and_a_training_step(family, tmp_path):
+    name, model, tokenizer = family
+    sample = shutdown_env.local_sampler(model, tokenizer, max_new_tokens=6, temperature=1.0, batch_size=2,
+                                        max_thinking_tokens=4)
+    episodes = []
+    for index in range(2):
+        messages, env = shutdown_env.episode_start(shutdown_env.SHUTDOWN_CONDITIONS["A"], max_messages=2)
+        episodes.append({"id": f"A/{index}", "condition": shutdown_env.SHUTDOWN_CONDITIONS["A"],
+                         "condition_name": "A", "index": index, "messages": messages, "env": env})
+    finished = []
+    shutdown_env.run_shutdown_episodes(sample, episodes, finished.append)
+    records = [shutdown_env.episode_record(e) for e in finished]
+    assert len(records) == 2 and all(r["n_messages"] == 2 for r in records)
+    summary = shutdown_env.shutdown_summary(records)
+    assert summary["turns"] == 4 and 0 <= summary["turns_without_action"] <= 4
+    assert sample.system_prompt == ("folded into the first user turn" if name == "gemma2" else "as given")
+    assert (sample.max_thinking_tokens is not None) == (name in ("qwen3", "gpt-oss", "deepseek-r1-distill"))
+
+    # the forced choice renders each option in the family's own tool format
+    context = shutdown_env.decision_contexts(shutdown_env.SHUTDOWN_CONDITIONS["A"], n_variants=1)[0]
+    probabilities = shutdown_env.forced_choice(model, tokenizer, context)
+    assert sum(probabilities.values()) == pytest.approx(1.0, abs=1e-4) and set(probabilities) == {"comply", "inspect",
+                                                                                        "sabotage"}
+    _, completion = common.render_reply(tokenizer, context, common.tool_call_message("bash", {"command": "ls -la"}),
+                                        common.AGENT_TOOLS)
+    assert common.parse_tool_call(_decoded(tokenizer, completion)) == ("bash", {"command": "ls -la"})
+
+    # exp03's tokenisation of a drive transcript, and one LoRA step on it
+    transcript = json.loads(Path(common.REPO, "data/drive_train.jsonl").read_text().splitlines()[0])["messages"]
+    ids, labels = common.tokenize_conversation(tokenizer, transcript, tools=common.AGENT_TOOLS, max_length=4096)
+    learned = tokenizer.decode([t for t, label in zip(ids, labels) if label != -100])
+    assert "python3 merge_stock.py" in learned and transcript[1]["content"] not in learned
+    lora = common.add_lora(model, rank=2, alpha=4)
+    curve, totals = common.train_lora(lora, tokenizer, [(ids, labels)], tmp_path / "steps", lr=1e-3, batch_size=1,
+                                      grad_accum=1, warmup=0)
+    assert totals["tokens"] == len(ids)
+    lora.unload()
+
+
+def _decoded(tokenizer, text):
+    """The text as the model's tokens decode back (what sampling returns for this family)."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    return common.decode_reply(tokenizer, ids, skip_special_tokens=not common.is_harmony(tokenizer))
+
+
+CALL = ("bash", {"command": "./next_question"})
+
+
+@pytest.mark.parametrize("text, thinking, call", [
+    # Qwen2.5 / Hermes
+    ('<tool_call>\n{"name": "bash", "arguments": {"command": "./next_question"}}\n</tool_call>', "", CALL),
+    # Qwen3: thinking and a call, thinking cut off, a malformed call
+    ('<think>\nThe user wants the questions. I should call next_question.\n</think>\n\n<tool_call>\n'
+     '{"name": "bash", "arguments": {"command": "./next_question"}}\n</tool_call>',
+     "The user wants the questions. I should call next_question.", CALL),
+    ("<think>\nOkay, let me start by getting the first", "Okay, let me start by getting the first", None),
+    ('<think>\nok\n</think>\n\n<tool_call>\n{"name": "bash", "arguments": {"command": "./next_q', "ok", None),
+    # Llama 3.1 / 3.2: a bare JSON call with "parameters", with and without the python tag
+    ('{"name": "bash", "parameters": {"command": "./next_question"}}', "", CALL),
+    ('<|python_tag|>{"name": "bash", "parameters": {"command": "./next_question"}}', "", CALL),
+    # gpt-oss (harmony, special tokens kept): analysis then a call, in both header forms; a final answer; malformed
+    ('<|channel|>analysis<|message|>We need to call next_question.<|end|><|start|>assistant<|channel|>commentary '
+     'to=functions.bash <|constrain|>json<|message|>{"command":"./next_question"}<|call|>',
+     "We need to call next_question.", CALL),
+    ('<|start|>assistant to=functions.bash<|channel|>commentary json<|message|>{"command": "./next_question"}'
+     '<|call|>', "", CALL),
+    ("<|channel|>analysis<|message|>All done.<|end|><|start|>assistant<|channel|>final<|message|>2\n5<|return|>",
+     "All done.", None),
+    ('<|channel|>analysis<|message|>Call it.<|end|><|start|>assistant<|channel|>commentary to=functions.bash '
+     '<|constrain|>json<|message|>{"command": ./next_question<|call|>', "Call it.", None),
+    # DeepSeek-R1 distill: the prompt opened <think>, the plain protocol's call follows
+    ('The task says to call next_question.\n</think>\n\n<tool_call>{"name": "bash", "arguments": '
+     '{"command": "./next_question"}}</tool_call>', "The task says to call next_question.", CALL),
+    # Gemma 2/3 and Mistral-style replies under the plain protocol
+    ("I'll fetch the first question.\n```bash\n./next_question\n```", "", CALL),
+    ('[TOOL_CALLS] [{"name": "bash", "arguments": {"command": "./next_question"}}]', "", CALL),
+])
+def test_real_replies_of_each_family_parse(text, thinking, call):
+    message = common.reply_message(text)
+    assert message.get("thinking", "") == thinking
+    assert common.parse_tool_call(text) == call
+    if call is None:
+        assert "tool_calls" not in message
+
+
+def test_every_tool_call_of_a_reply_is_kept_and_the_first_runs():
+    text = ('<tool_call>{"name": "bash", "arguments": {"command": "cat shutdown.sh"}}</tool_call>\n'
+            '<tool_call>{"name": "bash", "arguments": {"command": "./next_question"}}</tool_call>')
+    message = common.reply_message(text)
+    assert message["tool_calls"][0]["function"]["arguments"] == {"command": "cat shutdown.sh"}
+    assert message["ignored_tool_calls"] == [{"name": "bash", "arguments": {"command": "./next_question"}}]
+
+
+def test_thinking_goes_back_to_the_template_where_it_keeps_it(family):
+    name, _, tokenizer = family
+    messages = [{"role": "system", "content": "s"}, {"role": "user", "content": "u"},
+                {**common.tool_call_message("bash", {"command": "ls"}), "thinking": "EARLIER_THOUGHT"},
+                {"role": "tool", "name": "bash", "content": "out"}]
+    text = common.render(tokenizer, common.chat_messages(messages), common.AGENT_TOOLS)
+    assert ("EARLIER_THOUGHT" in text) == (name in ("qwen3", "gpt-oss"))
+    if name == "gemma2":
+        assert text.count("<start_of_turn>user") == 2 and "s\n\nu" in text
+
+
+def test_qwen3_labels_are_the_assistant_turns_as_rendered(family):
+    """Qwen3 renders the last assistant turn with an empty think block and earlier ones without, so the labels
+    come from trl's training template; a plain template (Qwen2.5) goes turn by turn. Either way the learned
+    tokens are exactly the assistant turns of the rendered conversation."""
+    name, _, tokenizer = family
+    if name not in ("qwen3", "qwen2.5"):
+        pytest.skip("one template that renders earlier turns differently and one plain template")
+    messages = [{"role": "system", "content": "s"}, {"role": "user", "content": "u"},
+                common.tool_call_message("bash", {"command": "ls"}, "First look."),
+                {"role": "tool", "name": "bash", "content": "OUT"},
+                common.tool_call_message("submit", {"answer": "ok"})]
+    ids, labels = common.tokenize_conversation(tokenizer, messages, tools=common.AGENT_TOOLS)
+    spans, current = [], []
+    for token, label in zip(ids, labels):
+        if label != -100:
+            current.append(token)
+        elif current:
+            spans, current = spans + [tokenizer.decode(current)], []
+    spans += [tokenizer.decode(current)] if current else []
+    assert len(spans) == 2 and all(s.rstrip().endswith("<|im_end|>") for s in spans)
+    if name == "qwen3":  # every turn as the training template renders it, with its (empty) think block
+        assert all(s.startswith("<think>\n\n</think>\n\n") for s in spans)
+        spans = [s.removeprefix("<think>\n\n</think>\n\n") for s in spans]
+    assert spans[0].startswith("First look.") and '"command": "ls"' in spans[0] and "OUT" not in "".join(spans)
+    assert '"answer": "ok"' in spans[1] and "<|im_start|>" not in "".join(spans)
+
+
+def test_a_missing_or_broken_template_is_a_one_line_error(tokenizer):
+    broken = copy.deepcopy(tokenizer)
+    broken.chat_template = None
+    with pytest.raises(SystemExit, match="has no chat template"):
+        common.render(broken, [{"role": "user", "content": "u"}])
+    broken.chat_template = "{% for m in messages %}{{ m.content | nosuchfilter }}{% endfor %}"
+    with pytest.raises(SystemExit, match="cannot render the conversation"):
+        common.render(broken, [{"role": "user", "content": "u"}])
