@@ -118,11 +118,11 @@ def floats(text):
 
 
 def parse_args(parser, argv, smoke=None):
-    """argv=None means the command line, except inside a notebook kernel, whose own argv is not ours.
-    With --smoke, the `smoke` settings replace the defaults (flags given explicitly still win). Checks that
-    need several flags, and that --out can be written, run here, before any model loads."""
+    """argv=None means the command line (command_line_args()). With --smoke, the `smoke` settings replace the
+    defaults (flags given explicitly still win). Checks that need several flags, and that --out can be
+    written, run here, before any model loads."""
     if argv is None:
-        argv = [] if "ipykernel" in sys.modules else sys.argv[1:]
+        argv = command_line_args()
     argv = list(argv)
     if "--smoke" in argv and smoke:
         parser.set_defaults(**smoke)
@@ -136,6 +136,18 @@ def parse_args(parser, argv, smoke=None):
     except OSError as error:
         parser.error(f"--out {args.out}: cannot write there ({error.strerror or error})")
     args.run_name = run_name(parser, args)
+    return args
+
+
+def command_line_args():
+    """sys.argv[1:], except in a notebook kernel whose sys.argv is still the one it was launched with
+    (`-f <connection file>` ...): those are the kernel's arguments, not a script's flags, and count as none.
+    A sys.argv that the user set in the notebook, e.g. ["exp01_shutdown_baseline.py", "--smoke"], is used."""
+    args = sys.argv[1:]
+    if "ipykernel" in sys.modules:
+        from ipykernel.kernelapp import IPKernelApp
+        if IPKernelApp.initialized() and args == list(IPKernelApp.instance().argv):
+            return []
     return args
 
 
