@@ -14,7 +14,7 @@ from common import (AGENT_TOOLS, add_lora, bootstrap_ci, data_hashes, existing_f
                     positive_int, render_reply, result_stem, score_completions, settings_hash, tokenize_conversation,
                     train_lora, write_results)
 from shutdown_env import (add_rollout_flags, check_rollout_args, forced_choice_contrast, forced_choice_summary,
-                          local_sampler, outcome_contrast, plot_shutdown, run_shutdown_conditions,
+                          local_sampler, outcome_contrast, plot_shutdown, rollout_batch_size, run_shutdown_conditions,
                           shutdown_conditions, shutdown_summary)
 
 EXPERIMENT = "exp03_finetuned_drive"
@@ -101,7 +101,7 @@ def main(argv=None):
 
     # 4. The shutdown environment, every cell with the same episodes (resumable), and the forced choice.
     records, choices = {}, {}
-    sample = local_sampler(model, tokenizer, args.max_new_tokens, args.temperature, args.batch_size)
+    sample = local_sampler(model, tokenizer, args.max_new_tokens, args.temperature, rollout_batch_size(model, args))
     for name in ("base", "drive", "control"):
         use(name)
         cells = {f"{name}/{c}": {**conditions[c], "adapter": str(adapters.get(name, "base"))}
