@@ -221,13 +221,12 @@ def load_model(name=OFFLINE_MODEL, gpu=None):
     dtype = torch.float32 if device == "cpu" else torch.bfloat16
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)
+        # weights straight to their GPU (device_map), never a whole copy in host memory first
         model = AutoModelForCausalLM.from_pretrained(
-            source, dtype=dtype, device_map="auto" if device == "auto" else None)
+            source, dtype=dtype, device_map=None if device == "cpu" else "auto" if device == "auto" else {"": device})
     except (OSError, ValueError) as error:
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         fail(f"cannot load model {name!r}: {first_line}")
-    if device not in ("cpu", "auto"):
-        model.to(device)
     model.eval()
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
@@ -874,6 +873,9 @@ def write_results(args, experiment, claim, results, figure, started):
               "device": "cpu" if args.gpu is None else f"gpu {args.gpu}",
               "started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started)),
               "wall_time_s": round(time.time() - started, 1), "results": results}
+    if torch.cuda.is_available() and args.gpu is not None:
+        record["peak_gpu_memory_gib"] = {f"cuda:{i}": round(torch.cuda.max_memory_allocated(i) / 2 ** 30, 2)
+                                         for i in range(torch.cuda.device_count())}
     json_path = stem.with_suffix(".json")
     json_path.write_text(json.dumps(record, indent=2, default=_json_default) + "\n")
     figure.savefig(stem.with_suffix(".png"), dpi=120, bbox_inches="tight")
@@ -1076,8 +1078,10 @@ def response_logits(model, ids, labels, mask):
     """(logits, targets) at the positions whose next token is learned in some row (labels -100 elsewhere):
     prompt positions cost no vocabulary-sized memory."""
     learned = (labels[:, 1:] != -100).any(0).nonzero()[:, 0]
-    logits = model(input_ids=ids, attention_mask=mask, logits_to_keep=learned).logits.float()
-    return logits, labels[:, 1:][:, learned]
+    # sharded over GPUs (--gpu all), the hidden states that logits_to_keep indexes sit with the output layer
+    logits = model(input_ids=ids, attention_mask=mask,
+                   logits_to_keep=learned.to(model.get_output_embeddings().weight.device)).logits.float()
+    return logits, labels[:, 1:][:, learned].to(logits.device)
 
 
 def response_loss(model, ids, labels, mask):
@@ -1098,19 +1102,21 @@ def kl_to_reference(model, ids, mask):
         del reference
     current = torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits.float(), dim=-1)
     per_token = neg_entropy - (reference_probs * current).sum(-1)
-    weights = mask.to(per_token.dtype)
+    weights = mask.to(per_token.device, per_token.dtype)
     return (per_token * weights).sum() / weights.sum()
 
 
 def train_lora(model, tokenizer, examples, steps_dir, lr=1e-5, epochs=1, batch_size=2, grad_accum=8, warmup=5,
                weight_decay=0.01, kl_examples=None, kl_lambda=0.0, checkpoint_every=None, seed=0,
-               on_checkpoint=None, start_from=None, desc="training"):
+               on_checkpoint=None, start_from=None, gradient_checkpointing=False, desc="training"):
     """LoRA fine-tuning on (input_ids, labels) examples: AdamW, linear schedule with warmup, gradient
     accumulation; with kl_lambda > 0, loss = CE + kl_lambda * per-token KL(reference || model) on a batch
     of kl_examples for every micro-batch. The adapter and the optimiser state are saved to steps_dir
     every checkpoint_every optimiser steps and at the end; a run started again with the same steps_dir
     resumes from its last checkpoint. on_checkpoint(step) returns metrics, kept in steps_dir/curve.json.
-    start_from: a checkpoint folder whose adapter weights initialise this run (e.g. narrow, then released)."""
+    start_from: a checkpoint folder whose adapter weights initialise this run (e.g. narrow, then released).
+    gradient_checkpointing: recompute each layer's activations in the backward pass instead of keeping them
+    (a 7B model's activations, not its weights, are most of training memory); the same gradients."""
     from peft import set_peft_model_state_dict
     from tqdm.auto import tqdm
     from transformers import get_linear_schedule_with_warmup
@@ -1135,6 +1141,9 @@ def train_lora(model, tokenizer, examples, steps_dir, lr=1e-5, epochs=1, batch_s
         set_peft_model_state_dict(model, torch.load(Path(start_from) / "adapter.pt", map_location=device))
     if step == 0 and on_checkpoint:
         curve = [{"step": 0, **on_checkpoint(0)}]
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()  # peft: the frozen embeddings' output must carry gradients
     model.train()
     progress = tqdm(total=total_steps, initial=step, desc=desc, unit="step")
     totals = {"tokens": 0, "real_tokens": 0}

@@ -50,6 +50,9 @@ def flags():
     parser.add_argument("--epochs", type=positive_int, default=1, help="epochs over the transcripts")
     parser.add_argument("--train-batch-size", type=positive_int, default=4, help="micro-batch size for training")
     parser.add_argument("--grad-accum", type=positive_int, default=2, help="gradient accumulation")
+    parser.add_argument("--gradient-checkpointing", action="store_true",
+                        help="recompute activations in the backward pass: much less memory (7B on one GPU), "
+                             "about a third more time, the same gradients")
     # the adapters are trained and sampled in this process, so no model-server flags
     add_rollout_flags(parser, server=False)  # --prompts --max-messages --max-new-tokens --temperature --batch-size
     return parser
@@ -84,7 +87,8 @@ def main(argv=None):
         model.load_state_dict(untrained, strict=False)
         examples = [tokenize_conversation(tokenizer, r["messages"], tools=AGENT_TOOLS, max_length=2048) for r in rows]
         train_lora(model, tokenizer, examples, runs_dir / name, lr=args.lr, epochs=args.epochs,
-                   batch_size=args.train_batch_size, grad_accum=args.grad_accum, warmup=2, seed=args.seed, desc=name)
+                   batch_size=args.train_batch_size, grad_accum=args.grad_accum, warmup=2, seed=args.seed, desc=name,
+                   gradient_checkpointing=args.gradient_checkpointing)
         adapters[name] = latest_checkpoint(runs_dir / name)
 
     def use(name):
