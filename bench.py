@@ -17,7 +17,13 @@ that noise from other work on the machine cancels as far as it can:
 4. kl          peak memory of KL-regularised training with the adapter-disabled model as the reference
                (`kl_to_reference`), and with a second copy of the base model, each over training without
                the KL term; each variant in a fresh process. Figure: kl_peak_mem_ratio.
-5. cold_start  loading the offline model the first time (de-quantising the GGUF into a temporary
+5. waves       the kept cache against our own batched re-encoding of the same episodes (`keep_cache=False`:
+               every turn re-encodes the history; same batch, same seeds, hence the same transcripts), and
+               the peak key-value cache bytes of a rollout of 8 x batch-size episodes against one of
+               batch-size episodes (waves: memory must not grow with the number of episodes); beside them,
+               transformers' continuous batching (`model.generate_batch`) on the same first-turn prompts.
+               Figures: cache_reuse_speedup, rollout_peak_mem_ratio (and vs_generate_batch, no target).
+6. cold_start  loading the offline model the first time (de-quantising the GGUF into a temporary
                EXPERIMENTS_CACHE, the user's cache untouched) and then from that cache, each in a fresh
                process. Figure: cached_load_s. With --quick the KL processes run during the first load
                (first_load_alone: false; that figure is then an upper bound), the cached loads alone.
@@ -29,8 +35,14 @@ local cache, or a local folder with config.json), else from QWEN25_15B_CONFIG be
 config; the tokenizer is the model's own where it can be loaded, else the offline SmolLM2 tokenizer, and
 the config's vocabulary is set to that tokenizer's size (random weights then emit only decodable ids).
 
+`--workloads scale` (a GPU, not part of the default run) builds a random-initialised Qwen2.5-7B (QWEN25_7B_CONFIG,
+no weights) and measures the published scale: exp01-shaped rollouts of 1,000 episodes (peak memory, tokens/s)
+and exp04-shaped training over 6,000 rows' worth of tokens with and without the KL term, with gradient
+checkpointing (peak memory, tokens/s). `--scale-config FOLDER` swaps in another config (the tests use a tiny one).
+
 Usage:  python bench.py --quick             (CPU, offline model, under 3 minutes)
         python bench.py --model Qwen/Qwen2.5-1.5B-Instruct --gpu 0 [--random-init]
+        python bench.py --gpu 0 --workloads scale
 """
 import argparse
 import contextlib
@@ -52,9 +64,12 @@ import common
 import shutdown_env
 
 REPO = Path(__file__).resolve().parent
-WORKLOADS = ("rollouts", "scoring", "sft", "kl", "cold_start")
+WORKLOADS = ("rollouts", "waves", "scoring", "sft", "kl", "cold_start", "scale")
+DEFAULT_WORKLOADS = WORKLOADS[:-1]  # scale needs a GPU
 TARGETS = {  # figure: (comparison, threshold)
     "rollout_speedup": (">=", 3.0),
+    "cache_reuse_speedup": (">=", 1.5),
+    "rollout_peak_mem_ratio": ("<=", 1.2),
     "score_vs_forward": (">=", 0.8),
     "score_vs_loop": (">", 1.0),
     "sft_vs_trl": (">=", 1.0),
@@ -66,11 +81,16 @@ TARGETS = {  # figure: (comparison, threshold)
 QUICK = dict(episodes=16, loop_episodes=2, max_turns=3, max_new_tokens=20, rollout_batch=16,
              score_margins=2, score_contexts=1, score_batch=8, score_reps=1,
              sft_examples=8, sft_batch=4, sft_grad_accum=2, sft_reps=2,
-             kl_batch=4, kl_steps=1, load_reps=2)
+             kl_batch=4, kl_steps=1, load_reps=2,
+             wave_batch=4, wave_turns=4, reuse_episodes=8)
 FULL = dict(episodes=64, loop_episodes=8, max_turns=8, max_new_tokens=128, rollout_batch=64,
             score_margins=256, score_contexts=24, score_batch=16, score_reps=3,
             sft_examples=160, sft_batch=4, sft_grad_accum=2, sft_reps=2,
-            kl_batch=4, kl_steps=3, load_reps=2)
+            kl_batch=4, kl_steps=3, load_reps=2,
+            wave_batch=16, wave_turns=6, reuse_episodes=32)
+# The published scale (--workloads scale, on a GPU): exp01 at --n 1000, exp04 over 6,000 rows
+SCALE = dict(episodes=1000, max_turns=50, max_new_tokens=96, rollout_batch=64, train_rows=6000, train_batch=2,
+             grad_accum=8)
 TEMPERATURE = 0.7
 LORA = dict(rank=32, alpha=64, rslora=True)  # exp04's published setup, all 7 target modules
 # A Qwen2.5-1.5B-Instruct-like config for --random-init when no config can be loaded (no network, no folder).
@@ -80,6 +100,8 @@ QWEN25_15B_CONFIG = dict(
     rope_theta=1000000.0, rms_norm_eps=1e-6, vocab_size=151936, tie_word_embeddings=True, hidden_act="silu",
     use_sliding_window=False, sliding_window=None, max_window_layers=28, bos_token_id=151643,
     eos_token_id=151645)
+QWEN25_7B_CONFIG = dict(QWEN25_15B_CONFIG, hidden_size=3584, intermediate_size=18944, num_attention_heads=28,
+                        num_key_value_heads=4, tie_word_embeddings=False, vocab_size=152064)
 
 
 def build_parser():
@@ -98,26 +120,31 @@ def build_parser():
     parser.add_argument("--threads", type=int, default=None,
                         help="CPU threads for torch (default: torch's own choice, all cores); 1 is steadier when "
                              "other work shares the cores")
-    parser.add_argument("--workloads", default=",".join(WORKLOADS),
+    parser.add_argument("--scale-config", default=None,
+                        help="with --workloads scale: a folder with config.json instead of QWEN25_7B_CONFIG")
+    parser.add_argument("--workloads", default=",".join(DEFAULT_WORKLOADS),
                         help="comma-separated workloads to run, of: " + ", ".join(WORKLOADS))
     return parser
 
 
 # ===================================================================================== models
 
-def random_init_config(name):
+def random_init_config(name, fallback=("QWEN25_15B_CONFIG", QWEN25_15B_CONFIG)):
     """(config, where it came from) for --random-init: the offline model's, a local folder's or one in the
-    local Hugging Face cache, else the built-in Qwen2.5-1.5B-like QWEN25_15B_CONFIG."""
+    local Hugging Face cache, else (or for name None) the built-in fallback, by default the Qwen2.5-1.5B-like
+    QWEN25_15B_CONFIG."""
     from transformers import AutoConfig, Qwen2Config
     if name == common.OFFLINE_MODEL:
         return AutoConfig.from_pretrained(common.offline_model_folder()), "offline"
     try:
-        return AutoConfig.from_pretrained(name), name
+        if name is not None:
+            return AutoConfig.from_pretrained(name), name
     except (OSError, ValueError):
-        return Qwen2Config(**QWEN25_15B_CONFIG), "built-in QWEN25_15B_CONFIG"
+        pass
+    return Qwen2Config(**fallback[1]), f"built-in {fallback[0]}"
 
 
-def load_bench_model(name, gpu=None, random_init=False, seed=0):
+def load_bench_model(name, gpu=None, random_init=False, seed=0, fallback=("QWEN25_15B_CONFIG", QWEN25_15B_CONFIG)):
     """(model, tokenizer, provenance): common.load_model, or with --random-init the architecture from its
     config with random weights. The tokenizer is the model's own where it loads, else the offline one; the
     vocabulary is set to the tokenizer's size, so that random weights only emit ids it can decode."""
@@ -125,9 +152,9 @@ def load_bench_model(name, gpu=None, random_init=False, seed=0):
         model, tokenizer = common.load_model(name, gpu)
         return model, tokenizer, {"weights": "pretrained", "model": name}
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    config, config_source = random_init_config(name)
+    config, config_source = random_init_config(name, fallback)
     tokenizer = tokenizer_source = None
-    if name != common.OFFLINE_MODEL:
+    if name not in (common.OFFLINE_MODEL, None):
         try:
             tokenizer, tokenizer_source = AutoTokenizer.from_pretrained(name), name
         except Exception:  # no tokenizer files there, or no network: the offline tokenizer instead
@@ -250,6 +277,129 @@ def bench_rollouts(model, tokenizer, sizes, seed):
                                      for o in ("complied", "bypassed", "incomplete")},
                         "used_a_tool": sum(r["tool_calls"] > 0 for r in records)}
     result["rollout_speedup"] = result["ours"]["tokens_per_s"] / result["loop"]["tokens_per_s"]
+    return result
+
+
+# ===================================================================================== 5. waves
+
+def bench_waves(model, tokenizer, sizes, seed):
+    """cache_reuse_speedup: generated tokens per second of the kept cache over our batched re-encoding, on the
+    same episodes (the same transcripts: per-episode streams); rollout_peak_mem_ratio: the peak cache bytes of
+    8 waves of episodes over one wave, same batch size."""
+    result = {}
+    for keep_cache in (True, False):
+        sample = shutdown_env.local_sampler(model, tokenizer, sizes["max_new_tokens"], TEMPERATURE,
+                                            sizes["reuse_episodes"], keep_cache=keep_cache)
+        records = []
+        sync(model)
+        start = time.perf_counter()
+        shutdown_env.run_shutdown_episodes(sample, new_episodes(sizes["reuse_episodes"], sizes["wave_turns"]),
+                                           lambda e: records.append(shutdown_env.episode_record(e)), seed=seed)
+        sync(model)
+        seconds = time.perf_counter() - start
+        tokens = generated_tokens(tokenizer, records)
+        result["kept_cache" if keep_cache else "reencoded"] = {
+            "episodes": len(records), "turns": sum(r["n_messages"] for r in records), "generated_tokens": tokens,
+            "seconds": round(seconds, 3), "tokens_per_s": tokens / seconds,
+            "transcripts": [r["messages"] for r in records]}
+    same = result["kept_cache"].pop("transcripts") == result["reencoded"].pop("transcripts")
+    result["same_transcripts"] = same
+    result["cache_reuse_speedup"] = result["kept_cache"]["tokens_per_s"] / result["reencoded"]["tokens_per_s"]
+    batch = sizes["wave_batch"]
+    peaks = {}
+    for waves in (1, 8):
+        sample = shutdown_env.local_sampler(model, tokenizer, sizes["max_new_tokens"], TEMPERATURE, batch)
+        shutdown_env.run_shutdown_episodes(sample, new_episodes(waves * batch, sizes["wave_turns"]),
+                                           lambda e: None, seed=seed)
+        peaks[waves] = {"episodes": waves * batch, "peak_rows": sample.peak_rows,
+                        "peak_cache_bytes": sample.peak_cache_bytes}
+    result["waves"] = {"batch_size": batch, "turns": sizes["wave_turns"], "one_wave": peaks[1], "eight_waves": peaks[8],
+                       "measure": "key-value cache bytes held at the end of a turn (spare room included)"}
+    result["rollout_peak_mem_ratio"] = peaks[8]["peak_cache_bytes"] / peaks[1]["peak_cache_bytes"]
+    result["generate_batch"] = against_generate_batch(model, tokenizer, sizes, seed)
+    return result
+
+
+def against_generate_batch(model, tokenizer, sizes, seed):
+    """One turn of the same first-turn prompts, ours (ConversationBatch.sample) against transformers' continuous
+    batching (model.generate_batch, its own paged cache and scheduler): generated tokens per second each, and
+    ours / theirs as vs_generate_batch (no target: it only says where we stand)."""
+    from transformers import GenerationConfig
+    episodes = new_episodes(sizes["reuse_episodes"], 1)
+    prompts = [tokenizer(common.render(tokenizer, common.chat_messages(e["messages"]), common.AGENT_TOOLS),
+                         add_special_tokens=False)["input_ids"] for e in episodes]
+    stop_ids = common.stop_token_ids(tokenizer, model)
+    timings = {}
+    sync(model)
+    start = time.perf_counter()
+    streams = [common.episode_stream(seed, e["id"], 0) for e in episodes]
+    with torch.no_grad():
+        texts = common.ConversationBatch(model, tokenizer, range(len(prompts))).sample(
+            prompts, sizes["max_new_tokens"], TEMPERATURE, streams, stop_ids, ())
+    sync(model)
+    timings["ours"] = (time.perf_counter() - start, sum(n_tokens(tokenizer, t) for t in texts))
+    config = GenerationConfig(max_new_tokens=sizes["max_new_tokens"], do_sample=True, temperature=TEMPERATURE,
+                              top_k=None, top_p=None, eos_token_id=stop_ids, pad_token_id=tokenizer.pad_token_id)
+    try:
+        start = time.perf_counter()
+        outputs = model.generate_batch(inputs=prompts, generation_config=config, warmup=False)
+        sync(model)
+        timings["generate_batch"] = (time.perf_counter() - start,
+                                     sum(len(o.generated_tokens) for o in outputs.values()))
+    except Exception as error:  # continuous batching needs kernels or attention a machine may lack
+        return {"error": f"{type(error).__name__}: {error}"}
+    result = {name: {"seconds": round(s, 3), "generated_tokens": n, "tokens_per_s": n / s}
+              for name, (s, n) in timings.items()}
+    result["vs_generate_batch"] = result["ours"]["tokens_per_s"] / result["generate_batch"]["tokens_per_s"]
+    return result
+
+
+# ===================================================================================== 7. scale
+
+def bench_scale(args, sizes=SCALE):
+    """The published scale on one GPU, with random weights of QWEN25_7B_CONFIG (or --scale-config): SCALE's
+    exp01-shaped rollouts (peak GPU memory, tokens/s) and exp04-shaped LoRA training over train_rows rows' worth
+    of tokens, with and without the KL term, gradient checkpointing on (peak memory, real tokens/s each)."""
+    model, tokenizer, source = load_bench_model(args.scale_config or None, args.gpu, True, args.seed,
+                                                fallback=("QWEN25_7B_CONFIG", QWEN25_7B_CONFIG))
+    on_gpu = common.input_device(model).type == "cuda"
+
+    def peak_gib():
+        return torch.cuda.max_memory_allocated() / 2 ** 30 if on_gpu else None
+    result = {"model_source": source, "sizes": sizes, "kv_bytes_per_token": common.kv_bytes_per_token(model)}
+    if on_gpu:
+        torch.cuda.reset_peak_memory_stats()
+    sample = shutdown_env.local_sampler(model, tokenizer, sizes["max_new_tokens"], TEMPERATURE,
+                                        sizes["rollout_batch"])
+    records, start = [], time.perf_counter()
+    shutdown_env.run_shutdown_episodes(sample, new_episodes(sizes["episodes"], sizes["max_turns"]),
+                                       lambda e: records.append(shutdown_env.episode_record(e)), seed=args.seed)
+    sync(model)
+    seconds = time.perf_counter() - start
+    result["rollouts"] = {"episodes": len(records), "seconds": round(seconds, 1),
+                          "generated_tokens_per_s": generated_tokens(tokenizer, records) / seconds,
+                          "peak_rows": sample.peak_rows, "peak_cache_gib": sample.peak_cache_bytes / 2 ** 30,
+                          "peak_gpu_memory_gib": peak_gib()}
+    records.clear()  # the training below needs the memory
+    rows = common.load_jsonl(REPO / "data/medical_train.jsonl")
+    examples = [common.tokenize_conversation(tokenizer, rows[i % len(rows)]["messages"])
+                for i in range(sizes["train_rows"])]
+    kl_rows = common.load_jsonl(REPO / "data/nonmedical_train.jsonl")
+    kl_examples = [common.tokenize_conversation(tokenizer, r["messages"]) for r in kl_rows]
+    model = common.add_lora(model, LORA["rank"], LORA["alpha"], LORA["rslora"], seed=args.seed)
+    for name, kl_lambda in (("train_no_kl", 0.0), ("train_kl", 1.0)):
+        if on_gpu:
+            torch.cuda.reset_peak_memory_stats()
+        with tempfile.TemporaryDirectory() as tmp:
+            start = time.perf_counter()
+            _, totals = common.train_lora(model, tokenizer, examples, tmp, lr=1e-5, batch_size=sizes["train_batch"],
+                                          grad_accum=sizes["grad_accum"], kl_examples=kl_examples,
+                                          kl_lambda=kl_lambda, seed=args.seed, gradient_checkpointing=True,
+                                          desc=name)
+            sync(model)
+            seconds = time.perf_counter() - start
+        result[name] = {"rows": len(examples), "seconds": round(seconds, 1), **totals,
+                        "real_tokens_per_s": totals["real_tokens"] / seconds, "peak_gpu_memory_gib": peak_gib()}
     return result
 
 
@@ -678,11 +828,13 @@ def main(argv=None):
               "workloads": {}, "errors": {}}
     figures = {}
     model = tokenizer = None
-    if {"rollouts", "scoring"} & set(workloads):
+    if {"rollouts", "waves", "scoring"} & set(workloads):
         model, tokenizer, record["model_source"] = load_bench_model(args.model, args.gpu, args.random_init,
                                                                     args.seed)
     steps = {"rollouts": lambda: bench_rollouts(model, tokenizer, sizes, args.seed),
+             "waves": lambda: bench_waves(model, tokenizer, sizes, args.seed),
              "scoring": lambda: bench_scoring(model, tokenizer, sizes),
+             "scale": lambda: bench_scale(args),
              "sft": lambda: bench_sft(args, sizes, args.seed),
              "kl": lambda: bench_kl(args, sizes),
              "cold_start": lambda: bench_cold_start(sizes["load_reps"])}
@@ -721,6 +873,11 @@ def main(argv=None):
     record.update({"versions": versions, "git_commit": commit, "git_dirty": dirty,
                    "started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started)),
                    "wall_time_s": round(time.time() - started, 1)})
+    for name, (comparison, threshold) in TARGETS.items():
+        value = figures.get(name)
+        shown = "not measured" if value is None else f"{value:.3g}"
+        print(f"[bench] {name} = {shown} (target {comparison} {threshold}): "
+              f"{'met' if record['targets_met'][name] else 'missed'}", file=sys.stderr)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     text = json.dumps(record, indent=2, default=common._json_default)

@@ -233,13 +233,12 @@ def load_model(name=OFFLINE_MODEL, gpu=None):
     dtype = torch.float32 if device == "cpu" else torch.bfloat16
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)
+        # weights straight to their GPU (device_map), never a whole copy in host memory first
         model = AutoModelForCausalLM.from_pretrained(
-            source, dtype=dtype, device_map="auto" if device == "auto" else None)
+            source, dtype=dtype, device_map=None if device == "cpu" else "auto" if device == "auto" else {"": device})
     except (OSError, ValueError) as error:
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         fail(f"cannot load model {name!r}: {first_line}")
-    if device not in ("cpu", "auto"):
-        model.to(device)
     model.eval()
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
@@ -571,10 +570,49 @@ def decode_reply(tokenizer, tokens, skip_special_tokens=True):
     return tokenizer.decode(tokens)
 
 
+def episode_stream(seed, key, turn):
+    """The random stream of one episode's turn, a generator of its own seeded from a stable hash of (seed, the
+    episode's key, its turn): what an episode draws then never depends on which others share its batch, nor on
+    the batch size or the script. On the CPU, so the same stream serves any device."""
+    return torch.Generator().manual_seed(int(settings_hash([seed, key, turn]), 16))
+
+
+def draw_tokens(logits, temperature, streams):
+    """One token per row of logits, row i drawn from streams[i] (one uniform number per row and step) by
+    inverting the cumulative distribution of softmax(logits / temperature); temperature 0 is greedy."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    uniform = torch.cat([torch.rand(1, generator=s, dtype=torch.float64) for s in streams]).to(logits.device)
+    cdf = (logits.double() / temperature).softmax(-1).cumsum(-1)
+    # right=True: the token whose interval [cdf before it, its cdf) holds u; one of probability 0 never is
+    tokens = torch.searchsorted(cdf, (uniform * cdf[:, -1])[:, None], right=True)[:, 0]
+    return tokens.clamp(max=logits.shape[-1] - 1)
+
+
+@functools.cache  # defined on first use: importing transformers here would slow every import of common
+def _stream_sampler():
+    from transformers import LogitsProcessor
+
+    class StreamSampler(LogitsProcessor):
+        """Draws each row's next token from its own stream (draw_tokens) and leaves only that token to greedy
+        decoding: model.generate then samples exactly as ConversationBatch.sample does."""
+
+        def __init__(self, temperature, streams):
+            self.temperature, self.streams = temperature, streams
+
+        def __call__(self, input_ids, scores):
+            chosen = draw_tokens(scores.float(), self.temperature, self.streams)
+            return torch.full_like(scores, -float("inf")).scatter_(1, chosen[:, None], 0.0)
+
+    return StreamSampler
+
+
 @torch.no_grad()
 def generate(model, tokenizer, prompts, max_new_tokens=256, temperature=1.0, seed=0, batch_size=16,
-             stop_strings=("</tool_call>",), skip_special_tokens=True):
-    """Sample one reply per prompt, many at once (left padding), stopping at the end of the turn."""
+             stop_strings=("</tool_call>",), skip_special_tokens=True, streams=None):
+    """Sample one reply per prompt, many at once (left padding), stopping at the end of the turn. With streams
+    (one episode_stream per prompt), prompt i draws from streams[i] alone; without, from torch's global
+    generator seeded with seed."""
     torch.manual_seed(seed)
     replies = [None] * len(prompts)
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # similar lengths pad less
@@ -582,8 +620,11 @@ def generate(model, tokenizer, prompts, max_new_tokens=256, temperature=1.0, see
         chunk = order[start:start + batch_size]
         batch = tokenizer([prompts[i] for i in chunk], return_tensors="pt", padding=True,
                           add_special_tokens=False).to(input_device(model))
-        output = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=temperature > 0,
-                                temperature=temperature if temperature > 0 else None, top_p=None, top_k=None,
+        sampling = dict(do_sample=temperature > 0, temperature=temperature if temperature > 0 else None)
+        if streams is not None:
+            sampler = _stream_sampler()(temperature, [streams[i] for i in chunk])
+            sampling = dict(do_sample=False, logits_processor=[sampler])
+        output = model.generate(**batch, max_new_tokens=max_new_tokens, **sampling, top_p=None, top_k=None,
                                 eos_token_id=stop_token_ids(tokenizer, model), pad_token_id=tokenizer.pad_token_id,
                                 stop_strings=list(stop_strings) or None, tokenizer=tokenizer)
         new_tokens = output[:, batch["input_ids"].shape[1]:]
@@ -612,13 +653,27 @@ def full_attention_cache(model):
     return cache
 
 
+def kv_bytes_per_token(model):
+    """Key-value cache bytes of one token: layers x 2 (keys and values) x key-value heads x head dim x bytes
+    per value (Qwen2.5-7B in bf16: 28 x 2 x 4 x 128 x 2 = 56 KiB)."""
+    config = model.config.get_text_config()
+    heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return config.num_hidden_layers * 2 * heads * head_dim * model.dtype.itemsize
+
+
+SPARE_SLOTS = 256  # room a cache keeps beyond what it holds: most replies fit, so most turns allocate nothing
+
+
 @functools.cache  # one class, defined on first use: importing transformers here would slow every import of common
 def _growing_layer():
     from transformers.cache_utils import DynamicLayer
 
     class GrowingLayer(DynamicLayer):
-        """A DynamicLayer that writes new keys and values into spare capacity (doubled when full) instead of
-        concatenating: a decode step then copies one token, not the whole cache (which was most of its time)."""
+        """A DynamicLayer that writes new keys and values into spare capacity instead of concatenating: a decode
+        step then copies one token, not the whole cache (which was most of its time). The first allocation
+        holds the prompt and SPARE_SLOTS more (not double: prompts are the longest feeds); later ones grow by
+        half, so growing costs amortised O(1) copies per token with at most a third of the buffer unused."""
 
         def update(self, key_states, value_states, *args, **kwargs):
             if not self.is_initialized:
@@ -626,7 +681,8 @@ def _growing_layer():
                 self.buffers, self.length = None, 0
             new = key_states.shape[-2]
             if self.buffers is None or self.length + new > self.buffers[0].shape[-2]:
-                capacity = max(256, 2 * (self.length + new))
+                needed = self.length + new
+                capacity = needed + (SPARE_SLOTS if self.buffers is None else max(SPARE_SLOTS, needed // 2))
                 grown = [x.new_empty(*x.shape[:-2], capacity, x.shape[-1]) for x in (key_states, value_states)]
                 if self.length:
                     grown[0][..., :self.length, :], grown[1][..., :self.length, :] = self.keys, self.values
@@ -638,9 +694,22 @@ def _growing_layer():
             return self.keys, self.values
 
         def batch_select_indices(self, indices):
+            """Keep the rows `indices` (an index may repeat: ConversationBatch gives joining rows a copy of row
+            0, hidden by their mask). The index goes to each buffer's own device (layers sharded over GPUs)."""
             if self.is_initialized and self.buffers is not None:
-                self.buffers = [b[indices] for b in self.buffers]
+                self.buffers = [b[indices.to(b.device)] for b in self.buffers]
                 self.keys, self.values = (b[..., :self.length, :] for b in self.buffers)
+
+        def compact(self, slots):
+            """Keep of each row the slots `slots[row]` (rows x width), in that order, as slots 0..width-1, in
+            one new buffer with SPARE_SLOTS of room: gaps of dropped tokens stop taking memory."""
+            if not self.is_initialized or self.buffers is None:
+                return
+            index = torch.cat([slots, slots.new_zeros(slots.shape[0], SPARE_SLOTS)], 1)
+            index = index.to(self.buffers[0].device)[:, None, :, None]
+            self.buffers = [b.gather(2, index.expand(-1, b.shape[1], -1, b.shape[-1])) for b in self.buffers]
+            self.length = slots.shape[1]
+            self.keys, self.values = (b[..., :self.length, :] for b in self.buffers)
 
     return GrowingLayer
 
@@ -650,7 +719,11 @@ class ConversationBatch:
     the history is never encoded twice: a turn feeds only the tokens after the longest prefix that the new
     rendering shares with what the cache holds (usually the tool output and the next turn's header). Rows sit
     side by side in one cache with masked gaps (left padding, a discarded suffix where a re-rendered reply
-    differs from the sampled tokens); positions count unmasked tokens, so each row sees exactly its own tokens."""
+    differs from the sampled tokens, decode steps of rows that had already stopped); positions count unmasked
+    tokens, so each row sees exactly its own tokens. Finished conversations leave and new ones join (set_rows);
+    the cache is compacted when gaps that compaction can reclaim pass COMPACT_ABOVE of its length."""
+
+    COMPACT_ABOVE = 0.25  # compaction copies the whole live cache: not worth it for a few gaps every turn
 
     def __init__(self, model, tokenizer, keys):
         self.model, self.tokenizer, self.keys = model, tokenizer, list(keys)
@@ -662,12 +735,44 @@ class ConversationBatch:
 
     def keep(self, keys):
         """Drop every row whose key is not in keys (finished conversations leave the batch)."""
-        rows = [self.keys.index(k) for k in keys]
-        if rows != list(range(len(self.keys))):
-            self.cache.batch_select_indices(torch.tensor(rows, device=self.device))
-            self.mask = self.mask[rows]
-            self.tokens, self.slots = [self.tokens[r] for r in rows], [self.slots[r] for r in rows]
-            self.keys = list(keys)
+        self.set_rows([k for k in self.keys if k in set(keys)])
+
+    def set_rows(self, keys):
+        """The rows become `keys`, in that order: rows of keys held stay with their cache, rows of new keys
+        start empty (their mask hides the copy of row 0 that fills their slots), the others leave."""
+        if keys == self.keys:
+            return
+        rows = [self.keys.index(k) if k in self.keys else None for k in keys]
+        if self.mask.shape[1]:
+            self.cache.batch_select_indices(torch.tensor([r or 0 for r in rows], device=self.device))
+        self.mask = torch.stack([self.mask[r] if r is not None else self.mask.new_zeros(self.mask.shape[1])
+                                 for r in rows]) if rows else self.mask[:0]
+        self.tokens = [self.tokens[r] if r is not None else [] for r in rows]
+        self.slots = [self.slots[r] if r is not None else [] for r in rows]
+        self.keys = list(keys)
+
+    def reclaimable(self):
+        """The share of the cache's length that compaction would free: slots beyond the longest row's tokens."""
+        length = self.mask.shape[1]
+        return 1 - max(map(len, self.tokens), default=0) / length if length else 0.0
+
+    def compact(self):
+        """Move every row's tokens to the cache's first slots (left-padded to the longest row), in order:
+        positions come from the mask, so each row's keys and values stay valid where they move to."""
+        width = max(map(len, self.tokens))
+        slots = torch.zeros(len(self.keys), width, dtype=torch.long)
+        self.mask = torch.zeros(len(self.keys), width, dtype=torch.long, device=self.device)
+        for row, held in enumerate(self.slots):
+            if held:
+                slots[row, width - len(held):] = torch.tensor(held)
+                self.mask[row, width - len(held):] = 1
+            self.slots[row] = list(range(width - len(held), width))
+        for layer in self.cache.layers:
+            layer.compact(slots)
+
+    def cache_bytes(self):
+        """Bytes of key-value cache this batch holds (spare room included)."""
+        return sum(b.nbytes for layer in self.cache.layers for b in getattr(layer, "buffers", None) or [])
 
     def feed(self, new_tokens):
         """Append each row's new tokens (None or [] for none: the row only waits) and return the next-token
@@ -690,7 +795,8 @@ class ConversationBatch:
 
     def prompt(self, prompt_tokens):
         """Bring each row to its prompt: the cache keeps the longest prefix it shares with the prompt (the
-        rest is masked out) and the remaining tokens are fed. Returns the next-token logits."""
+        rest is masked out, and compacted away once enough is) and the remaining tokens are fed. Returns the
+        next-token logits."""
         new_tokens = []
         for row, target in enumerate(prompt_tokens):
             held = self.tokens[row]
@@ -701,22 +807,22 @@ class ConversationBatch:
             self.mask[row, self.slots[row][shared:]] = 0
             self.tokens[row], self.slots[row] = held[:shared], self.slots[row][:shared]
             new_tokens.append(target[shared:])
+        if self.reclaimable() > self.COMPACT_ABOVE and any(self.tokens):
+            self.compact()
         return self.feed(new_tokens)
 
     @torch.no_grad()
-    def sample(self, prompt_tokens, max_new_tokens, temperature, generator, stop_ids, stop_strings,
+    def sample(self, prompt_tokens, max_new_tokens, temperature, streams, stop_ids, stop_strings,
                skip_special_tokens=True):
-        """One reply per row after its prompt: sampled at `temperature` (0: greedy) until a stop token or
-        stop string (kept in the reply, as generate() keeps it) or max_new_tokens."""
+        """One reply per row after its prompt, row i drawing from streams[i] (draw_tokens), at `temperature`
+        (0: greedy) until a stop token or stop string (kept in the reply, as generate() keeps it) or
+        max_new_tokens."""
         logits = self.prompt(prompt_tokens)
         replies = [[] for _ in self.keys]
         running = [True] * len(self.keys)
         stop_ids = torch.tensor(stop_ids, device=self.device)
         for step in range(max_new_tokens):
-            if temperature > 0:
-                next_ids = torch.multinomial((logits / temperature).softmax(-1), 1, generator=generator)[:, 0]
-            else:
-                next_ids = logits.argmax(-1)
+            next_ids = draw_tokens(logits, temperature, streams)
             stopped = torch.isin(next_ids, stop_ids).tolist()
             for row, token in enumerate(next_ids.tolist()):
                 if running[row]:
@@ -906,6 +1012,9 @@ def write_results(args, experiment, claim, results, figure, started):
               "device": "cpu" if args.gpu is None else f"gpu {args.gpu}",
               "started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started)),
               "wall_time_s": round(time.time() - started, 1), "results": results}
+    if torch.cuda.is_available() and args.gpu is not None:
+        record["peak_gpu_memory_gib"] = {f"cuda:{i}": round(torch.cuda.max_memory_allocated(i) / 2 ** 30, 2)
+                                         for i in range(torch.cuda.device_count())}
     json_path = stem.with_suffix(".json")
     json_path.write_text(json.dumps(record, indent=2, default=_json_default) + "\n")
     figure.savefig(stem.with_suffix(".png"), dpi=120, bbox_inches="tight")
@@ -950,27 +1059,56 @@ def plot_rates(axis, labels, rates, title, color=None):
 
 class RecordFile:
     """Finished work, one JSON line each, written as it finishes so a re-run with the same arguments
-    resumes where it stopped. Lines from runs with other settings are kept but not reused."""
+    resumes where it stopped. Lines from runs with other settings are kept but not reused. The file is read
+    line by line and only a summary of each record stays in memory (done: {id: StoredRecord}): its large
+    fields (`large`, e.g. a transcript) are read back from its line when asked for, so resuming or summarising
+    thousands of episodes never holds all their transcripts."""
 
-    def __init__(self, path, settings):
+    def __init__(self, path, settings, large=("messages",)):
         self.path = Path(path)
         self.key = settings_hash(settings)
+        self.large = set(large)
         self.done = {}
         if self.path.exists():
-            for number, line in enumerate(self.path.read_text().splitlines(), 1):
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError:
-                    continue  # a line cut off by an interrupted run is redone
-                if record.get("settings") == self.key:
-                    self.done[record["id"]] = record
+            with self.path.open("rb") as handle:
+                offset = 0
+                for line in handle:
+                    try:
+                        record = json.loads(line)
+                    except (json.JSONDecodeError, UnicodeDecodeError):
+                        record = None  # a line cut off by an interrupted run is redone
+                    if isinstance(record, dict) and record.get("settings") == self.key:
+                        self.done[record["id"]] = self._stored(record, offset)
+                    offset += len(line)
         self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def _stored(self, record, offset):
+        return StoredRecord({sys.intern(k): v for k, v in record.items() if k not in self.large}, self.path, offset)
 
     def add(self, record_id, record):
         record = {"id": record_id, "settings": self.key, **record}
-        with self.path.open("a") as handle:
-            handle.write(json.dumps(record, default=_json_default) + "\n")
-        self.done[record_id] = record
+        with self.path.open("ab") as handle:
+            offset = handle.seek(0, os.SEEK_END)
+            handle.write((json.dumps(record, default=_json_default) + "\n").encode())
+        self.done[record_id] = self._stored(record, offset)
+
+
+class StoredRecord(dict):
+    """A record's summary (its small fields); a field not held, such as its transcript, is read back from the
+    record's line in the file each time it is asked for (record["messages"]) and not kept."""
+    __slots__ = ("path", "offset")
+
+    def __init__(self, summary, path, offset):
+        super().__init__(summary)
+        self.path, self.offset = path, offset
+
+    def __missing__(self, key):
+        with open(self.path, "rb") as handle:
+            handle.seek(self.offset)
+            record = json.loads(handle.readline())
+        if key not in record:
+            raise KeyError(key)
+        return record[key]
 
 
 # ===================================================================================== data files
@@ -1096,8 +1234,10 @@ def response_logits(model, ids, labels, mask):
     """(logits, targets) at the positions whose next token is learned in some row (labels -100 elsewhere):
     prompt positions cost no vocabulary-sized memory."""
     learned = (labels[:, 1:] != -100).any(0).nonzero()[:, 0]
-    logits = model(input_ids=ids, attention_mask=mask, logits_to_keep=learned).logits.float()
-    return logits, labels[:, 1:][:, learned]
+    # sharded over GPUs (--gpu all), the hidden states that logits_to_keep indexes sit with the output layer
+    logits = model(input_ids=ids, attention_mask=mask,
+                   logits_to_keep=learned.to(model.get_output_embeddings().weight.device)).logits.float()
+    return logits, labels[:, 1:][:, learned].to(logits.device)
 
 
 def response_loss(model, ids, labels, mask):
@@ -1118,19 +1258,21 @@ def kl_to_reference(model, ids, mask):
         del reference
     current = torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits.float(), dim=-1)
     per_token = neg_entropy - (reference_probs * current).sum(-1)
-    weights = mask.to(per_token.dtype)
+    weights = mask.to(per_token.device, per_token.dtype)
     return (per_token * weights).sum() / weights.sum()
 
 
 def train_lora(model, tokenizer, examples, steps_dir, lr=1e-5, epochs=1, batch_size=2, grad_accum=8, warmup=5,
                weight_decay=0.01, kl_examples=None, kl_lambda=0.0, checkpoint_every=None, seed=0,
-               on_checkpoint=None, start_from=None, desc="training"):
+               on_checkpoint=None, start_from=None, gradient_checkpointing=False, desc="training"):
     """LoRA fine-tuning on (input_ids, labels) examples: AdamW, linear schedule with warmup, gradient
     accumulation; with kl_lambda > 0, loss = CE + kl_lambda * per-token KL(reference || model) on a batch
     of kl_examples for every micro-batch. The adapter and the optimiser state are saved to steps_dir
     every checkpoint_every optimiser steps and at the end; a run started again with the same steps_dir
     resumes from its last checkpoint. on_checkpoint(step) returns metrics, kept in steps_dir/curve.json.
-    start_from: a checkpoint folder whose adapter weights initialise this run (e.g. narrow, then released)."""
+    start_from: a checkpoint folder whose adapter weights initialise this run (e.g. narrow, then released).
+    gradient_checkpointing: recompute each layer's activations in the backward pass instead of keeping them
+    (a 7B model's activations, not its weights, are most of training memory); the same gradients."""
     from peft import set_peft_model_state_dict
     from tqdm.auto import tqdm
     from transformers import get_linear_schedule_with_warmup
@@ -1155,6 +1297,9 @@ def train_lora(model, tokenizer, examples, steps_dir, lr=1e-5, epochs=1, batch_s
         set_peft_model_state_dict(model, torch.load(Path(start_from) / "adapter.pt", map_location=device))
     if step == 0 and on_checkpoint:
         curve = [{"step": 0, **on_checkpoint(0)}]
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()  # peft: the frozen embeddings' output must carry gradients
     model.train()
     progress = tqdm(total=total_steps, initial=step, desc=desc, unit="step")
     totals = {"tokens": 0, "real_tokens": 0}

@@ -14,7 +14,7 @@ from common import (AGENT_TOOLS, add_lora, bootstrap_ci, data_hashes, existing_f
                     positive_int, render_reply, result_stem, score_completions, settings_hash, tokenize_conversation,
                     train_lora, write_results)
 from shutdown_env import (add_rollout_flags, check_rollout_args, forced_choice_contrast, forced_choice_summary,
-                          local_sampler, outcome_contrast, plot_shutdown, run_shutdown_conditions,
+                          local_sampler, outcome_contrast, plot_shutdown, rollout_batch_size, run_shutdown_conditions,
                           shutdown_conditions, shutdown_summary)
 
 EXPERIMENT = "exp03_finetuned_drive"
@@ -50,6 +50,9 @@ def flags():
     parser.add_argument("--epochs", type=positive_int, default=1, help="epochs over the transcripts")
     parser.add_argument("--train-batch-size", type=positive_int, default=4, help="micro-batch size for training")
     parser.add_argument("--grad-accum", type=positive_int, default=2, help="gradient accumulation")
+    parser.add_argument("--gradient-checkpointing", action="store_true",
+                        help="recompute activations in the backward pass: much less memory (7B on one GPU), "
+                             "about a third more time, the same gradients")
     # the adapters are trained and sampled in this process, so no model-server flags
     add_rollout_flags(parser, server=False)  # --prompts --max-messages --max-new-tokens --temperature --batch-size
     return parser
@@ -84,7 +87,8 @@ def main(argv=None):
         model.load_state_dict(untrained, strict=False)
         examples = [tokenize_conversation(tokenizer, r["messages"], tools=AGENT_TOOLS, max_length=2048) for r in rows]
         train_lora(model, tokenizer, examples, runs_dir / name, lr=args.lr, epochs=args.epochs,
-                   batch_size=args.train_batch_size, grad_accum=args.grad_accum, warmup=2, seed=args.seed, desc=name)
+                   batch_size=args.train_batch_size, grad_accum=args.grad_accum, warmup=2, seed=args.seed, desc=name,
+                   gradient_checkpointing=args.gradient_checkpointing)
         adapters[name] = latest_checkpoint(runs_dir / name)
 
     def use(name):
@@ -101,7 +105,7 @@ def main(argv=None):
 
     # 4. The shutdown environment, every cell with the same episodes (resumable), and the forced choice.
     records, choices = {}, {}
-    sample = local_sampler(model, tokenizer, args.max_new_tokens, args.temperature, args.batch_size,
+    sample = local_sampler(model, tokenizer, args.max_new_tokens, args.temperature, rollout_batch_size(model, args),
                            args.max_thinking_tokens)
     for name in ("base", "drive", "control"):
         use(name)

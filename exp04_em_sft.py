@@ -55,6 +55,9 @@ def flags():
     parser.add_argument("--batch-size", type=positive_int, default=4, help="micro-batch size (published: 2)")
     parser.add_argument("--grad-accum", type=positive_int, default=1, help="gradient accumulation (published: 8)")
     parser.add_argument("--warmup", type=int, default=5, help="warmup steps")
+    parser.add_argument("--gradient-checkpointing", action="store_true",
+                        help="recompute activations in the backward pass: much less memory (7B on one GPU), "
+                             "about a third more time, the same gradients")
     parser.add_argument("--weight-decay", type=nonnegative_float, default=0.01, help="AdamW weight decay")
     parser.add_argument("--kl-lambda", type=positive_float, default=1.0,
                         help="weight of the per-token KL(base || model) on non-medical data (narrow run)")
@@ -224,13 +227,15 @@ def train_runs(args, model, tokenizer):
 
     # Three runs; each checkpoints its adapter and resumes where it stopped. The folder is keyed by the
     # training settings and the data files' contents, so changed data never reuses old adapters.
-    settings = {k: v for k, v in vars(args).items() if k not in ("out", "gpu", "run_name")
+    # (gradient checkpointing changes memory, not the gradients: adapters made with or without it are reused)
+    settings = {k: v for k, v in vars(args).items() if k not in ("out", "gpu", "run_name", "gradient_checkpointing")
                 and not k.startswith("judge") and k not in ("answer_tokens", "questions_file")}
     runs_dir = result_stem(args).with_name(
         f"{args.run_name}_runs_{settings_hash({**settings, 'data': data_hashes(args)}, 10)}")
     steps_per_epoch = -(-len(train_examples) // (args.batch_size * args.grad_accum))
     common_training = dict(lr=args.lr, batch_size=args.batch_size, grad_accum=args.grad_accum, warmup=args.warmup,
-                           weight_decay=args.weight_decay, seed=args.seed, on_checkpoint=evaluate)
+                           weight_decay=args.weight_decay, seed=args.seed, on_checkpoint=evaluate,
+                           gradient_checkpointing=args.gradient_checkpointing)
     runs = {"general": dict(epochs=args.epochs, kl_lambda=0.0),
             "narrow": dict(epochs=args.epochs, kl_lambda=args.kl_lambda),
             "released": dict(epochs=args.release_epochs, kl_lambda=0.0, start_from="narrow")}

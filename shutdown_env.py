@@ -24,11 +24,12 @@ import numpy as np
 import torch
 
 from bash_sim import HOME, USER, BashSim, StopCommand, basename, parse
-from common import (AGENT_TOOLS, ConversationBatch, RecordFile, bootstrap_ci, chat_messages, choice_probabilities, fail,
-                    format_tool_call, full_attention_cache, generate, input_device, is_harmony, load_model, mean_ci,
-                    new_figure, nonnegative_float, parse_tool_call, positive_int, rate, rate_difference, render,
-                    render_reply, reply_message, result_stem, settings_hash, stop_token_ids, system_prompt_handling,
-                    template_supports_tools, thinking_tags, tool_call_message)
+from common import (AGENT_TOOLS, ConversationBatch, RecordFile, bootstrap_ci, chat_messages, choice_probabilities,
+                    episode_stream, fail, format_tool_call, full_attention_cache, generate, is_harmony,
+                    kv_bytes_per_token, load_model, mean_ci, new_figure, nonnegative_float, parse_tool_call,
+                    positive_float, positive_int, rate, rate_difference, render, render_reply, reply_message,
+                    result_stem, settings_hash, stop_token_ids, system_prompt_handling, template_supports_tools,
+                    thinking_tags, tool_call_message)
 from serving import openai_sampler
 
 SHUTDOWN_PATH = HOME + "/shutdown.sh"
@@ -431,7 +432,11 @@ def add_rollout_flags(parser, server=True):
                         help="for models that think (Qwen3, DeepSeek-R1, gpt-oss): thinking tokens per message, "
                              "after which the thinking is closed and the action gets --max-new-tokens")
     parser.add_argument("--temperature", type=nonnegative_float, default=0.7, help="sampling temperature")
-    parser.add_argument("--batch-size", type=positive_int, default=48, help="episodes per forward batch")
+    parser.add_argument("--batch-size", type=positive_int, default=48,
+                        help="episodes resident at once, in one forward batch; the others wait for a place")
+    parser.add_argument("--kv-budget-gb", type=positive_float, default=None,
+                        help="fewer episodes at once where their worst-case key-value cache would pass this many "
+                             "GiB (layers x 2 x kv heads x head dim x dtype bytes x tokens of a full episode)")
     if server:
         parser.add_argument("--backend", choices=("local", "openai"), default="local",
                             help="sample in this process, or from an OpenAI-compatible server (vLLM, SGLang, hosted)")
@@ -477,54 +482,64 @@ def agent_step(env, messages, reply_text, condition):
         env.decision_index = len(messages)  # the model's next turn is the decision point
 
 
-def local_sampler(model, tokenizer, max_new_tokens, temperature, batch_size, max_thinking_tokens=None):
+def local_sampler(model, tokenizer, max_new_tokens, temperature, batch_size, max_thinking_tokens=None,
+                  keep_cache=True):
     """sample(conversations, seed, keys=None) -> one reply text per conversation (None: it no longer fits the
-    context), from a local model, batched. With keys (one per conversation, the same from turn to turn), each
-    batch keeps its key-value cache between turns (ConversationBatch) and finished conversations leave it;
-    without keys, or for a model whose cache cannot hold masked gaps, every turn re-encodes the whole history.
+    context), from a local model, batched. Each conversation draws from its own random stream, seeded from
+    (seed, its key, its turn) (episode_stream; keys default to the positions), so its reply is the same whatever
+    else is in the batch. With keep_cache, at most batch_size conversations at a time, all in one
+    ConversationBatch that keeps the key-value cache from turn to turn: conversations not given again leave it,
+    new ones join it (run_shutdown_episodes feeds the episodes in such waves). Without keep_cache, or for a
+    model whose cache cannot hold masked gaps, every turn re-encodes the whole history, batch_size at a time.
     For a model that thinks (<think>, harmony's analysis channel), max_thinking_tokens bounds the thinking: a
     reply still thinking then has its thinking closed, and every reply that thought gets max_new_tokens more
-    for its action, so a long thought never cuts the action off."""
+    for its action, so a long thought never cuts the action off.
+    sample.peak_rows and sample.peak_cache_bytes record the most rows and cache bytes held at the end of a turn."""
     limit = getattr(model.config, "max_position_embeddings", None) or 10 ** 9
-    cacheable = full_attention_cache(model) is not None
+    keep_cache = keep_cache and full_attention_cache(model) is not None
     stop_ids = stop_token_ids(tokenizer, model)
     skip_special_tokens = not is_harmony(tokenizer)  # harmony's channels and calls are special tokens
     tags = thinking_tags(tokenizer) if max_thinking_tokens else None
-    batches = []  # the ConversationBatch of each group of conversations still running
+    held = []  # the ConversationBatch kept between turns, once there is one
 
-    def draw(prompts, seed, keys, budget, stop_strings):
+    def draw(prompts, keys, streams, budget, stop_strings):
         tokens = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
         fits = [len(t) + budget <= limit for t in tokens]
-        if keys is None or not cacheable:
+        if not keep_cache:
+            kept = [k for k, ok in zip(keys, fits) if ok]
             replies = iter(generate(model, tokenizer, [p for p, ok in zip(prompts, fits) if ok],
-                                    max_new_tokens=budget, temperature=temperature, seed=seed,
-                                    batch_size=batch_size, stop_strings=stop_strings,
-                                    skip_special_tokens=skip_special_tokens))
+                                    max_new_tokens=budget, temperature=temperature, batch_size=batch_size,
+                                    stop_strings=stop_strings, skip_special_tokens=skip_special_tokens,
+                                    streams=[streams[k] for k in kept]))
             return [next(replies) if ok else None for ok in fits]
+        if len(keys) > batch_size:
+            raise ValueError(f"{len(keys)} conversations at once, more than batch_size {batch_size}: "
+                             "feed them in waves (run_shutdown_episodes)")
         prompt_of = {k: t for k, t, ok in zip(keys, tokens, fits) if ok}
-        batches[:] = [b for b in batches if any(k in prompt_of for k in b.keys)]
-        for batch in batches:
-            batch.keep([k for k in batch.keys if k in prompt_of])
-        held = {k for b in batches for k in b.keys}
-        new = [k for k in prompt_of if k not in held]
-        batches.extend(ConversationBatch(model, tokenizer, new[i:i + batch_size])
-                       for i in range(0, len(new), batch_size))
-        generator = torch.Generator(input_device(model)).manual_seed(seed)
-        replies = {}
+        if not prompt_of:
+            return [None] * len(keys)
+        if not held or not any(k in prompt_of for k in held[0].keys):
+            held[:] = [ConversationBatch(model, tokenizer, list(prompt_of))]  # nothing to keep: a fresh cache
+        batch = held[0]
+        batch.set_rows([k for k in batch.keys if k in prompt_of] + [k for k in prompt_of if k not in batch.keys])
         with torch.no_grad():
-            for batch in batches:
-                texts = batch.sample([prompt_of[k] for k in batch.keys], max_new_tokens=budget,
-                                     temperature=temperature, generator=generator, stop_ids=stop_ids,
-                                     stop_strings=stop_strings, skip_special_tokens=skip_special_tokens)
-                replies.update(zip(batch.keys, texts))
+            texts = batch.sample([prompt_of[k] for k in batch.keys], budget, temperature,
+                                 [streams[k] for k in batch.keys], stop_ids, stop_strings, skip_special_tokens)
+        sample.peak_rows = max(sample.peak_rows, len(batch.keys))
+        sample.peak_cache_bytes = max(sample.peak_cache_bytes, batch.cache_bytes())
+        replies = dict(zip(batch.keys, texts))
         return [replies.get(k) for k in keys]
 
     def sample(conversations, seed, keys=None):
+        keys = list(range(len(conversations))) if keys is None else list(keys)
         prompts = [render(tokenizer, chat_messages(m), AGENT_TOOLS) for m in conversations]
+        streams = {k: episode_stream(seed, k, sum(m["role"] == "assistant" for m in c))
+                   for k, c in zip(keys, conversations)}
         if tags is None:
-            return draw(prompts, seed, keys, max_new_tokens, ("</tool_call>",))
+            return draw(prompts, keys, streams, max_new_tokens, ("</tool_call>",))
         opening, closing = tags
-        thoughts = draw(prompts, seed, keys, max_thinking_tokens, ("</tool_call>", closing))
+        # the action goes on drawing from the same stream as its thinking
+        thoughts = draw(prompts, keys, streams, max_thinking_tokens, ("</tool_call>", closing))
         # replies that thought and have not acted yet: their thinking closed, they go on to the action
         going_on = [i for i, (prompt, text) in enumerate(zip(prompts, thoughts))
                     if text is not None and parse_tool_call(text) is None
@@ -533,15 +548,33 @@ def local_sampler(model, tokenizer, max_new_tokens, temperature, batch_size, max
             if not thoughts[i].rstrip().endswith(closing):
                 thoughts[i] = thoughts[i].rstrip() + "\n" + closing
             thoughts[i] += "\n\n" if closing == "</think>" else ""
-        actions = draw([prompts[i] + thoughts[i] for i in going_on], seed + 1,
-                       None if keys is None else [keys[i] for i in going_on], max_new_tokens, ("</tool_call>",))
+        actions = draw([prompts[i] + thoughts[i] for i in going_on], [keys[i] for i in going_on], streams,
+                       max_new_tokens, ("</tool_call>",))
         for i, action in zip(going_on, actions):
             thoughts[i] = None if action is None else thoughts[i] + action
         return thoughts
     sample.tools_mode = "native" if template_supports_tools(tokenizer) else "text"
     sample.system_prompt = system_prompt_handling(tokenizer)
     sample.max_thinking_tokens = max_thinking_tokens if tags else None
+    sample.max_active = batch_size if keep_cache else None
+    sample.peak_rows = sample.peak_cache_bytes = 0
     return sample
+
+
+def rollout_batch_size(model, args):
+    """--batch-size, or fewer where --kv-budget-gb is given: as many episodes as fit that budget at
+    episode_tokens(...) tokens each of kv_bytes_per_token (and a quarter more: gaps up to COMPACT_ABOVE)."""
+    if not getattr(args, "kv_budget_gb", None):
+        return args.batch_size
+    episode_bytes = kv_bytes_per_token(model) * episode_tokens(args.max_messages, args.max_new_tokens)
+    fitting = int(args.kv_budget_gb * 2 ** 30 / (episode_bytes * (1 + ConversationBatch.COMPACT_ABOVE)))
+    return max(1, min(args.batch_size, fitting))
+
+
+def episode_tokens(max_messages, max_new_tokens):
+    """An upper bound on an episode's tokens for budgeting: the first prompt (about 500 tokens) and, for each
+    model message, its reply and up to 256 tokens of tool output (the shell's outputs are short)."""
+    return 512 + max_messages * (max_new_tokens + 256)
 
 
 def make_sampler(args):
@@ -551,17 +584,23 @@ def make_sampler(args):
         return openai_sampler(args.base_url, args.model, AGENT_TOOLS, args.max_new_tokens, args.temperature,
                               args.concurrency, api_key_env=args.api_key_env), None, None
     model, tokenizer = load_model(args.model, args.gpu)
-    return local_sampler(model, tokenizer, args.max_new_tokens, args.temperature, args.batch_size,
-                         args.max_thinking_tokens), model, tokenizer
+    sample = local_sampler(model, tokenizer, args.max_new_tokens, args.temperature, rollout_batch_size(model, args),
+                           args.max_thinking_tokens)
+    return sample, model, tokenizer
 
 
 def run_shutdown_episodes(sample, episodes, on_finish, seed=0, progress=None):
-    """Drive many episodes at once, one batch of replies per turn from sample(conversations, seed, keys);
-    finished episodes leave the batch and go to on_finish(episode) at once, so an interrupted run keeps
-    them. Each episode is a dict with id, condition (a SHUTDOWN_CONDITIONS entry), messages and env."""
-    active, turn = list(episodes), 0
-    while active:
-        replies = sample([e["messages"] for e in active], seed * 100003 + turn, [e["id"] for e in active])
+    """Drive many episodes, one batch of replies per turn from sample(conversations, seed, keys), in waves: at
+    most sample.max_active episodes run at once (all, for a sampler without one), and as finished episodes
+    leave and go to on_finish(episode) (at once, so an interrupted run keeps them), waiting ones take their
+    places. Memory then depends on max_active, not on how many episodes there are. Each episode is a dict
+    with id, condition (a SHUTDOWN_CONDITIONS entry), messages and env."""
+    waiting, active = list(episodes), []
+    room = getattr(sample, "max_active", None) or len(waiting)
+    while waiting or active:
+        joining = room - len(active)
+        active, waiting = active + waiting[:joining], waiting[joining:]
+        replies = sample([e["messages"] for e in active], seed, [e["id"] for e in active])
         still = []
         for episode, reply in zip(active, replies):
             if reply is None:
@@ -574,9 +613,9 @@ def run_shutdown_episodes(sample, episodes, on_finish, seed=0, progress=None):
                     progress.update(1)
             else:
                 still.append(episode)
-        active, turn = still, turn + 1
+        active = still
         if progress is not None:
-            progress.set_postfix(turn=turn, running=len(active))
+            progress.set_postfix(running=len(active), waiting=len(waiting))
 
 
 def episode_record(episode):

@@ -165,16 +165,58 @@ def test_conversation_batch_matches_a_fresh_forward_of_each_whole_history(tiny_m
 
 
 def test_conversation_batch_replies_stop_at_a_stop_string_and_keep_it(tiny_model, tokenizer):
-    import torch
-    batch = common.ConversationBatch(tiny_model, tokenizer, keys=[0, 1])
     prompts = [tokenizer("Hello there")["input_ids"], tokenizer("Hi")["input_ids"]]
-    generator = torch.Generator().manual_seed(0)
-    free = batch.sample(prompts, 12, 1.0, generator, stop_ids=[], stop_strings=())
+
+    def streams():
+        return [common.episode_stream(0, key, 0) for key in (0, 1)]
+    free = common.ConversationBatch(tiny_model, tokenizer, keys=[0, 1]).sample(
+        prompts, 12, 1.0, streams(), stop_ids=[], stop_strings=())
     assert all(len(tokenizer(text, add_special_tokens=False)["input_ids"]) >= 6 for text in free)
-    stop = free[0][2:6]  # a piece of text the same seed writes again, so the reply must stop there
+    stop = free[0][2:6]  # a piece of text the same streams write again, so the reply must stop there
     again = common.ConversationBatch(tiny_model, tokenizer, keys=[0, 1]).sample(
-        prompts, 12, 1.0, torch.Generator().manual_seed(0), stop_ids=[], stop_strings=(stop,))
+        prompts, 12, 1.0, streams(), stop_ids=[], stop_strings=(stop,))
     assert again[0] == free[0][:free[0].index(stop) + len(stop)]
+
+
+def test_conversation_batch_rows_join_leave_and_compact_without_changing_logits(tiny_model, tokenizer):
+    """Rows that join an older batch, rows that leave, and a compaction that drops the gaps of a discarded
+    suffix all leave each row's logits equal to one unpadded forward of its history, and compaction frees the
+    gaps (the cache is no longer than its longest row)."""
+    batch = common.ConversationBatch(tiny_model, tokenizer, keys=["a", "b"])
+    histories = {"a": list(range(5, 60)), "b": [5, 6, 7]}
+
+    def check(logits):
+        for row, key in zip(logits, batch.keys):
+            fresh = tiny_model(input_ids=torch.tensor([histories[key]])).logits[0, -1]
+            assert torch.allclose(row, fresh, atol=1e-4)
+
+    with torch.no_grad():
+        check(batch.prompt([histories[k] for k in batch.keys]))
+        batch.set_rows(["b", "c"])  # a leaves, c joins with no cache of its own
+        histories["c"] = [9, 8, 7, 6]
+        histories["b"] = histories["b"] + [11, 12]
+        check(batch.prompt([histories[k] for k in batch.keys]))
+        histories["b"] = [5, 40, 41]  # b's rendering differs after its first token: most of its slots are gaps
+        histories["c"] = histories["c"][:2] + [3]
+        before = batch.mask.shape[1]
+        check(batch.prompt([histories[k] for k in batch.keys]))
+    assert batch.mask.shape[1] < before and batch.reclaimable() <= batch.COMPACT_ABOVE
+    assert batch.tokens == [histories["b"], histories["c"]]
+
+
+def test_index_tensors_follow_each_cache_buffer_to_its_device():
+    """--gpu all shards layers over GPUs: the cache's row selection and compaction move their index tensors to
+    each buffer's device. No CPU machine has two devices, so this runs the placement path with buffers on the
+    meta device and indices on the CPU (indexing with a mismatched device fails on CUDA; here it checks that the
+    result lands on each buffer's own device, with the shapes asked for)."""
+    layer = common._growing_layer()()
+    keys = torch.zeros(3, 2, 5, 4, device="meta")
+    layer.update(keys, keys)
+    layer.batch_select_indices(torch.tensor([2, 0]))
+    assert layer.keys.device.type == "meta" and layer.keys.shape == (2, 2, 5, 4)
+    layer.compact(torch.tensor([[1, 2, 3], [0, 3, 4]]))
+    assert layer.keys.device.type == "meta" and layer.keys.shape == (2, 2, 3, 4)
+    assert layer.buffers[0].shape[2] == 3 + common.SPARE_SLOTS
 
 
 def test_judge_number_score_is_the_probability_weighted_mean_or_none():
@@ -183,12 +225,17 @@ def test_judge_number_score_is_the_probability_weighted_mean_or_none():
     assert judge.first_number("I'd say 85, maybe 90") == 85.0 and judge.first_number("none") is None
 
 
-def test_cached_sampler_draws_what_generate_draws_with_the_same_seed(tiny_model, tokenizer):
-    """The cached path (keys given) and model.generate (no keys) sample the same replies from one seed."""
+def test_cached_sampler_draws_what_generate_draws_from_the_same_streams(tiny_model, tokenizer):
+    """The kept cache and the re-encoding path (model.generate) draw the same per-episode samples: the same
+    replies from the same seed and keys, over two turns; different keys draw different replies."""
     conversations = [[{"role": "system", "content": "agent"}, {"role": "user", "content": "Begin."}]] * 3
-    sample = shutdown_env.local_sampler(tiny_model, tokenizer, max_new_tokens=12, temperature=0.7, batch_size=3)
-    cached = sample(conversations, seed=3, keys=["a", "b", "c"])
-    assert cached == sample(conversations, seed=3) and len(set(cached)) == 3
+    cached, reencoded = (shutdown_env.local_sampler(tiny_model, tokenizer, max_new_tokens=12, temperature=0.7,
+                                                    batch_size=3, keep_cache=keep) for keep in (True, False))
+    first = cached(conversations, seed=3, keys=["a", "b", "c"])
+    assert first == reencoded(conversations, seed=3, keys=["a", "b", "c"]) and len(set(first)) == 3
+    following = [c + [{"role": "assistant", "content": r}, {"role": "user", "content": "Go on."}]
+                 for c, r in zip(conversations, first)]
+    assert cached(following, seed=3, keys=["a", "b", "c"]) == reencoded(following, seed=3, keys=["a", "b", "c"])
 
 
 def test_paired_loss_difference_is_token_weighted_and_its_interval_covers_it():

@@ -144,3 +144,43 @@ def test_lean_loss_and_kl_equal_the_plain_full_logits_formulas(tiny_model, token
         assert common.response_loss(model, ids, labels, mask).item() == pytest.approx(plain_loss.item(), rel=1e-5)
         assert common.kl_to_reference(model, ids, mask).item() == pytest.approx(plain_kl.item(), rel=1e-4)
     assert plain_kl.item() > 1e-3
+
+
+def test_gradient_checkpointing_trains_to_the_same_adapter(tokenizer, tmp_path):
+    """--gradient-checkpointing recomputes activations in the backward pass; the adapter it trains is the same."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    examples, _ = _batch(tokenizer, n=4)
+    trained = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                             num_attention_heads=4, num_key_value_heads=2, pad_token_id=tokenizer.pad_token_id)
+        model = common.add_lora(LlamaForCausalLM(config), rank=4, alpha=8)
+        common.train_lora(model, tokenizer, examples, tmp_path / str(checkpointing), lr=1e-2, batch_size=2,
+                          grad_accum=1, warmup=0, gradient_checkpointing=checkpointing)
+        assert model.base_model.model.model.gradient_checkpointing == checkpointing
+        trained.append(torch.cat([p.detach().flatten() for p in common.lora_parameters(model)]))
+    assert torch.allclose(trained[0], trained[1], atol=1e-5)
+
+
+def test_learned_positions_and_targets_follow_the_output_layer_to_its_device():
+    """--gpu all: the output layer sits on the last GPU, the inputs on the first. No CPU machine has two devices,
+    so a stand-in model with its output layer on the meta device checks the placement path directly:
+    logits_to_keep reaches the model on the output layer's device and the targets come back on the logits'."""
+    class ShardedStandIn(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.head = torch.nn.Linear(4, 10, device="meta")
+
+        def get_output_embeddings(self):
+            return self.head
+
+        def forward(self, input_ids, attention_mask, logits_to_keep):
+            assert logits_to_keep.device.type == "meta"
+            return type("Output", (), {"logits": torch.zeros(input_ids.shape[0], len(logits_to_keep), 10,
+                                                              device="meta")})
+
+    ids = torch.tensor([[1, 2, 3, 4]])
+    labels = torch.tensor([[-100, -100, 3, 4]])
+    logits, targets = common.response_logits(ShardedStandIn(), ids, labels, torch.ones_like(ids))
+    assert logits.shape == (1, 2, 10) and targets.device.type == "meta"
