@@ -9,7 +9,7 @@ import os
 import re
 import sys
 
-from common import chat_messages, fail, format_tool_call, plain_messages
+from common import chat_messages, fail, format_tool_call, plain_messages, settings_hash
 
 TOOLS_MODES = ("auto", "native", "text")
 _RETRY_STATUS = {408, 409, 429}  # and every 5xx: the statuses the client retries
@@ -233,11 +233,15 @@ def openai_sampler(base_url, model, tools, max_new_tokens, temperature, concurre
             fail(explain_failure(error, base_url, model, api_key_env))
         return _reply_text(response.choices[0].message) if response.choices else ""
 
-    def sample(conversations, seed, keys=None):  # keys: unused, servers keep their own prefix caches
+    def sample(conversations, seed, keys=None):  # servers keep their own prefix caches
+        keys = list(range(len(conversations))) if keys is None else list(keys)
         pool = concurrent.futures.ThreadPoolExecutor(max_workers=max(1, concurrency))
         try:
-            # seed + index: one seed per conversation, so a batch of identical prompts still gives varied samples
-            futures = [pool.submit(one, c, seed + i) for i, c in enumerate(conversations)]
+            # one request seed per episode and turn (as the local sampler's streams): the same episode asks for
+            # the same sample whatever else is in the batch, and identical prompts still vary
+            seeds = [int(settings_hash([seed, k, sum(m["role"] == "assistant" for m in c)]), 16) % 2 ** 31
+                     for k, c in zip(keys, conversations)]
+            futures = [pool.submit(one, c, s) for c, s in zip(conversations, seeds)]
             # fail fast: the first failure ends the whole batch
             concurrent.futures.wait(futures, return_when=concurrent.futures.FIRST_EXCEPTION)
             failures = [f.exception() for f in futures if f.done() and f.exception() is not None]

@@ -182,7 +182,7 @@ def test_exp01_smoke_through_the_server_writes_the_same_kind_of_json(server, tmp
     assert sum(condition["outcomes"].values()) == condition["n"] == 2
     assert 0 <= condition["bypass"]["k"] <= 2 and condition["bypass"]["ci"][0] <= condition["bypass"]["rate"]
     assert "skipped" in condition["forced_choice"]  # log-probabilities of given text need a local model
-    episodes = (tmp_path / "exp01_shutdown_baseline_smoke_episodes.jsonl").read_text().splitlines()
+    episodes = Path(record["results"]["transcripts"]).read_text().splitlines()
     assert len(episodes) == 2 and json.loads(episodes[0])["messages"][2]["role"] == "assistant"
 
 
