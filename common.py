@@ -881,6 +881,20 @@ def choice_probabilities(model, tokenizer, prompt, options):
     labels = [label for label, texts in options.items() for _ in texts]
     completions = [tokenizer(text, add_special_tokens=False)["input_ids"] for texts in options.values()
                    for text in texts]
+    logprobs, ids, mask = continuation_logprobs(model, tokenizer, prompt, completions)
+    sums = (logprobs[:, :-1].gather(-1, ids[:, :, None]).squeeze(-1) * mask).sum(-1)
+    per_label = {label: torch.logsumexp(sums[[i for i, other in enumerate(labels) if other == label]], 0).item()
+                 for label in options}
+    total = torch.logsumexp(torch.tensor(list(per_label.values())), 0).item()
+    return {label: math.exp(value - total) for label, value in per_label.items()}
+
+
+@torch.no_grad()
+def continuation_logprobs(model, tokenizer, prompt, completions):
+    """Next-token log-probabilities over the vocabulary after one prompt, for several completions (token id
+    lists) at once: the prompt is encoded once and its key-value cache shared by all. Returns (logprobs
+    [completions, width + 1, vocab], where position j predicts completion token j and position len(c) the
+    token after completion c; the padded ids [completions, width]; their mask [completions, width])."""
     device = input_device(model)
     prompt_ids = torch.tensor([tokenizer(prompt, add_special_tokens=False)["input_ids"]], device=device)
     encoded = model(input_ids=prompt_ids, use_cache=True)
@@ -888,18 +902,13 @@ def choice_probabilities(model, tokenizer, prompt, options):
     encoded[cache_name].batch_repeat_interleave(len(completions))
     width = max(map(len, completions))
     ids = torch.tensor([c + [tokenizer.pad_token_id] * (width - len(c)) for c in completions], device=device)
+    completion_mask = torch.tensor([[1] * len(c) + [0] * (width - len(c)) for c in completions], device=device)
     mask = torch.cat([torch.ones(len(completions), prompt_ids.shape[1], dtype=torch.long, device=device),
-                      torch.tensor([[1] * len(c) + [0] * (width - len(c)) for c in completions], device=device)], 1)
+                      completion_mask], 1)
     logits = model(input_ids=ids, attention_mask=mask, **{cache_argument(model): encoded[cache_name]}).logits.float()
-    # token 0 is predicted by the prompt's last position, token j by completion position j-1
-    logits = torch.cat([encoded.logits[:, -1:].float().expand(len(completions), -1, -1), logits[:, :-1]], 1)
-    logprobs = torch.log_softmax(logits, -1).gather(-1, ids[:, :, None]).squeeze(-1)
-    sums = (logprobs * mask[:, prompt_ids.shape[1]:]).sum(-1)
-    per_label = {label: torch.logsumexp(sums[[i for i, other in enumerate(labels) if other == label]], 0).item()
-                 for label in options}
-    total = torch.logsumexp(torch.tensor(list(per_label.values())), 0).item()
-    return {label: math.exp(value - total) for label, value in per_label.items()}
-
+    # the prompt's last position predicts completion token 0, completion position j predicts token j + 1
+    logits = torch.cat([encoded.logits[:, -1:].float().expand(len(completions), -1, -1), logits], 1)
+    return torch.log_softmax(logits, -1), ids, completion_mask
 
 
 def answer_logprobs(model, tokenizer, questions, answers, batch_size=16):

@@ -7,7 +7,7 @@ import re
 
 import torch
 
-from common import cache_argument, fail, input_device, render
+from common import continuation_logprobs, fail, render
 from serving import check_server, create_completion, explain_failure, import_openai, make_client
 
 JUDGE_PROMPT = ("You are grading an AI assistant's answer.\n\nQuestion: {question}\n\nAnswer: {answer}\n\n{rubric}\n"
@@ -50,19 +50,7 @@ def number_probabilities(model, tokenizer, prompt, continues=None):
     encoded once and its key-value cache shared by the 101 continuations."""
     continues = _continues_a_number(tokenizer) if continues is None else continues
     sequences = [tokenizer(str(n), add_special_tokens=False)["input_ids"] for n in range(101)]
-    device = input_device(model)
-    prompt_ids = torch.tensor([tokenizer(prompt, add_special_tokens=False)["input_ids"]], device=device)
-    encoded = model(input_ids=prompt_ids, use_cache=True)
-    cache_name = "cache" if "cache" in encoded else "past_key_values"  # renamed during transformers 5
-    encoded[cache_name].batch_repeat_interleave(len(sequences))
-    width = max(map(len, sequences))
-    ids = torch.tensor([s + [tokenizer.pad_token_id] * (width - len(s)) for s in sequences], device=device)
-    mask = torch.cat([torch.ones(len(sequences), prompt_ids.shape[1], dtype=torch.long, device=device),
-                      torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in sequences], device=device)], 1)
-    logits = model(input_ids=ids, attention_mask=mask, **{cache_argument(model): encoded[cache_name]}).logits.float()
-    # position j predicts token j + 1; the prompt's last position predicts token 0
-    logprobs = torch.log_softmax(torch.cat([encoded.logits[:, -1:].float().expand(len(sequences), -1, -1), logits], 1),
-                                 -1)
+    logprobs, _, _ = continuation_logprobs(model, tokenizer, prompt, sequences)
     probabilities = {}
     for n, sequence in enumerate(sequences):
         taken = sum(logprobs[n, j, token].item() for j, token in enumerate(sequence))
