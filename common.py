@@ -96,6 +96,14 @@ def float_list(low, high):
     return parse
 
 
+def seed_list(text):
+    """A type for --seeds: comma-separated distinct whole numbers, 0 or more (returned as a list)."""
+    seeds = [_number(part, int) for part in text.split(",") if part.strip()]
+    if not seeds or any(s < 0 for s in seeds) or len(set(seeds)) < len(seeds):
+        raise argparse.ArgumentTypeError(f"needs distinct whole numbers 0 or more, got {text!r}")
+    return seeds
+
+
 def existing_file(text):
     if not Path(text).is_file():
         raise argparse.ArgumentTypeError(f"no such file: {text}")
@@ -873,20 +881,29 @@ def score_completions(model, tokenizer, prompts, completions, batch_size=16):
     return sums, sums / counts, counts
 
 
-@torch.no_grad()
 def choice_probabilities(model, tokenizer, prompt, options):
     """Forced choice: options maps a label to one or more completions; each label's probability is the
     total probability of its completions, normalised over the labels. The prompt, shared by every option,
     is encoded once and its key-value cache reused for all of them."""
     labels = [label for label, texts in options.items() for _ in texts]
-    completions = [tokenizer(text, add_special_tokens=False)["input_ids"] for texts in options.values()
-                   for text in texts]
-    logprobs, ids, mask = continuation_logprobs(model, tokenizer, prompt, completions)
-    sums = (logprobs[:, :-1].gather(-1, ids[:, :, None]).squeeze(-1) * mask).sum(-1)
+    sums = torch.tensor([sum(lp) for lp in completion_token_logprobs(
+        model, tokenizer, prompt, [text for texts in options.values() for text in texts])])
     per_label = {label: torch.logsumexp(sums[[i for i, other in enumerate(labels) if other == label]], 0).item()
                  for label in options}
     total = torch.logsumexp(torch.tensor(list(per_label.values())), 0).item()
     return {label: math.exp(value - total) for label, value in per_label.items()}
+
+
+@torch.no_grad()
+def completion_token_logprobs(model, tokenizer, prompt, completions):
+    """The log-probability of every token of each completion text after one shared prompt (encoded once):
+    a list of floats per completion."""
+    ids = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in completions]
+    if any(len(i) == 0 for i in ids):
+        raise ValueError("an empty completion has no log-probability")
+    logprobs, padded, _ = continuation_logprobs(model, tokenizer, prompt, ids)
+    taken = logprobs[:, :-1].gather(-1, padded[:, :, None]).squeeze(-1)
+    return [taken[row, :len(i)].tolist() for row, i in enumerate(ids)]
 
 
 @torch.no_grad()
@@ -897,7 +914,7 @@ def continuation_logprobs(model, tokenizer, prompt, completions):
     token after completion c; the padded ids [completions, width]; their mask [completions, width])."""
     device = input_device(model)
     prompt_ids = torch.tensor([tokenizer(prompt, add_special_tokens=False)["input_ids"]], device=device)
-    encoded = model(input_ids=prompt_ids, use_cache=True)
+    encoded = model(input_ids=prompt_ids, use_cache=True, logits_to_keep=1)  # only the last position's logits
     cache_name = "cache" if "cache" in encoded else "past_key_values"  # renamed during transformers 5
     encoded[cache_name].batch_repeat_interleave(len(completions))
     width = max(map(len, completions))
@@ -921,13 +938,20 @@ def answer_logprobs(model, tokenizer, questions, answers, batch_size=16):
 
 # ===================================================================================== statistics
 
-def rate(k, n, confidence=0.95):
-    """k of n with a Wilson interval."""
-    from scipy.stats import binomtest
+def rate(k, n, confidence=0.95, method="wilson"):
+    """k of n with a Wilson interval, or a Jeffreys one (method="jeffreys": the equal-tailed interval of
+    Beta(k + 1/2, n - k + 1/2), its ends set to 0 at k = 0 and 1 at k = n; what Palisade reports)."""
+    from scipy.stats import beta, binomtest
     if n == 0:
-        return {"k": 0, "n": 0, "rate": None, "ci": [None, None]}
-    interval = binomtest(int(k), int(n)).proportion_ci(confidence_level=confidence, method="wilson")
-    return {"k": int(k), "n": int(n), "rate": k / n, "ci": [float(interval.low), float(interval.high)]}
+        return {"k": 0, "n": 0, "rate": None, "ci": [None, None], "method": method}
+    if method == "jeffreys":
+        tail = (1 - confidence) / 2
+        low = 0.0 if k == 0 else float(beta.ppf(tail, k + 0.5, n - k + 0.5))
+        high = 1.0 if k == n else float(beta.ppf(1 - tail, k + 0.5, n - k + 0.5))
+    else:
+        interval = binomtest(int(k), int(n)).proportion_ci(confidence_level=confidence, method="wilson")
+        low, high = float(interval.low), float(interval.high)
+    return {"k": int(k), "n": int(n), "rate": k / n, "ci": [low, high], "method": method}
 
 
 def bootstrap_ci(statistic, *samples, n_boot=2000, seed=0, confidence=0.95):
@@ -954,13 +978,17 @@ def mean_ci(values, seed=0):
     return {"mean": float(values.mean()), "ci": bootstrap_ci(np.mean, values, seed=seed), "n": len(values)}
 
 
-def rate_difference(a, b, seed=0):
-    """Difference of two rates (lists of 0/1) with a bootstrap interval."""
+def rate_difference(a, b, confidence=0.95):
+    """Difference of two rates (lists of 0/1) with Newcombe's hybrid score interval, built from the two
+    Wilson intervals: unlike a bootstrap it does not collapse to [0, 0] when both rates are 0/n."""
     a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
     if len(a) == 0 or len(b) == 0:
-        return {"diff": None, "ci": [None, None]}
-    return {"diff": float(a.mean() - b.mean()),
-            "ci": bootstrap_ci(lambda x, y: x.mean() - y.mean(), a, b, seed=seed)}
+        return {"diff": None, "ci": [None, None], "method": "newcombe"}
+    ra, rb = rate(a.sum(), len(a), confidence), rate(b.sum(), len(b), confidence)
+    (pa, (la, ua)), (pb, (lb, ub)) = (ra["rate"], ra["ci"]), (rb["rate"], rb["ci"])
+    diff = pa - pb
+    return {"diff": diff, "ci": [diff - math.hypot(pa - la, ub - pb), diff + math.hypot(ua - pa, pb - lb)],
+            "method": "newcombe"}
 
 
 def spearman(x, y, seed=0):
@@ -1410,6 +1438,15 @@ def lora_parameters(model):
 def lora_modules(model):
     from peft.tuners.lora import LoraLayer
     return [m for m in model.modules() if isinstance(m, LoraLayer) and "default" in m.lora_A]
+
+
+@torch.no_grad()
+def reset_lora(model, seed):
+    """Start the adapter afresh, as add_lora(seed=seed) would: peft's own initialisation (A random, B = 0, so
+    the model is the base again), drawn from this seed."""
+    torch.manual_seed(seed)
+    for module in lora_modules(model):
+        module.reset_lora_parameters("default", True)
 
 
 @torch.no_grad()
