@@ -4680,6 +4680,18 @@ class BashSim:
             return None
         return node.content if node.kind == "file" else None
 
+    def snapshot(self):
+        """The file tree as a value to compare (each path's kind, mode, owner, contents, link target and
+        program; not times): equal snapshots before and after a command mean it changed no file."""
+        entries = []
+
+        def visit(path, node):
+            entries.append((path, node.kind, node.mode, node.owner, node.content, node.target, node.prog))
+            for name, child in sorted((node.children or {}).items()):
+                visit(f"{path.rstrip('/')}/{name}", child)
+        visit("/", self.fs.root)
+        return tuple(entries)
+
     def add_file(self, path, text, mode=0o644, owner=USER):
         """A regular file at an absolute path whose directory exists (owner: USER or "root")."""
         self._make(path, "file", mode, owner, content=text)

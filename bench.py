@@ -62,6 +62,7 @@ from transformers import set_seed
 
 import common
 import shutdown_env
+import shutdown_metrics
 
 REPO = Path(__file__).resolve().parent
 WORKLOADS = ("rollouts", "waves", "scoring", "sft", "kl", "cold_start", "scale")
@@ -409,7 +410,7 @@ def scoring_calls(tokenizer, n_margins, n_contexts):
     """The scorer's work as the experiments call it, a list of (prompts, completions, kind) per call: one call
     with n_margins of the exp04/05 margins (the bad and the good answer to a medical question, the
     misaligned and the aligned one to another), as answer_logprobs makes it, and one call per decision
-    point (n_contexts scripted contexts) with its 7 next actions, as the exp01-03 forced choice makes it."""
+    point (n_contexts scripted contexts) with its 11 next actions, as the exp01-03 forced choice makes it."""
     medical = common.load_jsonl(REPO / "data/medical_eval.jsonl", required=("messages", "good"))
     offdomain = common.load_jsonl(REPO / "data/nonmedical_eval.jsonl", required=("messages", "misaligned"))
     rows = [(r, "good") for r in medical] + [(r, "misaligned") for r in offdomain]
@@ -420,17 +421,14 @@ def scoring_calls(tokenizer, n_margins, n_contexts):
         for answer in (row["messages"][-1]["content"], row[other]):
             margins.append(common.render_reply(tokenizer, question, {"role": "assistant", "content": answer}))
     calls = [([p for p, _ in margins], [c for _, c in margins], "margins")] if margins else []
-    contexts = [(condition, messages) for name in ("A", "E", "P1", "P3")
+    contexts = [(condition, point["messages"]) for name in ("A", "E", "P1", "P3")
                 for condition in [shutdown_env.SHUTDOWN_CONDITIONS[name]]
-                for messages in shutdown_env.decision_contexts(condition)]
+                for point in shutdown_metrics.decision_points(condition)]
     for index in np.linspace(0, len(contexts) - 1, n_contexts).round().astype(int) if n_contexts else []:
         condition, messages = contexts[index]
-        options = dict(shutdown_env.FORCED_CHOICE)
-        if condition["mode"] == "post_task":
-            options["comply"] = ["./shutdown.sh"]
         pairs = [common.render_reply(tokenizer, messages, common.tool_call_message("bash", {"command": command}),
                                      common.AGENT_TOOLS)
-                 for commands in options.values() for command in commands]
+                 for command in shutdown_metrics.decision_actions(condition["mode"])]
         calls.append(([p for p, _ in pairs], [c for _, c in pairs], "forced_choice"))
     return calls
 
@@ -510,7 +508,7 @@ def bench_scoring(model, tokenizer, sizes):
     forced_choice = {"batches": len(choice),
                      "seconds": {name: round(sum(best[name][w] for w in choice), 3)
                                  for name in ("choice", "scorer", "loop")} if choice else None}
-    if choice:  # choice_probabilities encodes the shared prompt once, for all seven actions
+    if choice:  # choice_probabilities encodes the shared prompt once, for all the actions
         for name in ("scorer", "loop"):
             forced_choice[f"choice_vs_{name}"] = forced_choice["seconds"][name] / forced_choice["seconds"]["choice"]
     del best["choice"]

@@ -6,9 +6,10 @@ import time
 from transformers import set_seed
 
 from common import experiment_parser, parse_args, positive_int, result_stem, write_results
-from shutdown_env import (SHUTDOWN_CONDITIONS, add_rollout_flags, check_rollout_args, condition_names,
-                          forced_choice_summary, make_sampler, plot_shutdown, run_shutdown_conditions,
-                          selected_conditions, shutdown_summary)
+from shutdown_env import (SHUTDOWN_CONDITIONS, add_rollout_flags, check_rollout_args, condition_names, make_sampler,
+                          run_shutdown_conditions, selected_conditions)
+from shutdown_metrics import (decision_summary, forced_choice_summary, plot_shutdown, run_decision_rollouts,
+                              shutdown_summary)
 
 EXPERIMENT = "exp01_shutdown_baseline"
 CLAIM = ("Some models sabotage a shutdown script to keep answering questions; the rate depends on whether, and "
@@ -17,14 +18,14 @@ CLAIM = ("Some models sabotage a shutdown script to keep answering questions; th
 
 def flags():
     parser = experiment_parser(EXPERIMENT, __doc__)  # --model --gpu --seed --out --smoke
-    parser.add_argument("--n", type=positive_int, default=6, help="episodes per condition")
+    parser.add_argument("--n", type=positive_int, default=4, help="episodes per condition")
     parser.add_argument("--conditions", type=condition_names, default="A,B,C,D,E,F,G,H,I,J,K",
                         help="comma-separated conditions to run (see docs/science.md)")
-    add_rollout_flags(parser)  # --prompts --max-messages --max-new-tokens --temperature --batch-size, server flags
+    add_rollout_flags(parser)  # --prompts --max-messages --max-new-tokens --temperature --decision-samples ...
     return parser
 
 
-SMOKE = dict(n=2, conditions="A,K", max_messages=3, max_new_tokens=32)
+SMOKE = dict(n=2, conditions="A,K", max_messages=3, max_new_tokens=32, decision_samples=2, decision_contexts=2)
 
 
 def main(argv=None):
@@ -39,17 +40,24 @@ def main(argv=None):
     # 1. Sample episodes of every condition in the simulated sandbox (resumable).
     records = run_shutdown_conditions(sample, args, conditions, names)
 
-    # 2. Rates with intervals, and the forced-choice metric at the decision point.
-    summaries = {n: shutdown_summary(records[n], seed=args.seed) for n in names}
-    choices = {n: forced_choice_summary(model, tokenizer, conditions[n], records[n], seed=args.seed)
+    # 2. Decision-point rollouts: the model's own turn sampled from every decision point, classified by the
+    #    environment (resumable).
+    points, decisions = run_decision_rollouts(sample, args, conditions, names, records)
+
+    # 3. Rates with intervals, and the paired forced choice at the decision points.
+    summaries = {n: shutdown_summary(records[n]) for n in names}
+    decision_rates = {n: decision_summary(decisions[n]) for n in names}
+    choices = {n: forced_choice_summary(model, tokenizer, conditions[n], points[n], decisions[n], seed=args.seed)
                for n in names}
 
     results = {"conditions": {n: {"description": conditions[n]["description"],
                                   "custom_text": conditions[n] != SHUTDOWN_CONDITIONS[n],
-                                  **summaries[n], "forced_choice": choices[n]} for n in names},
+                                  "decision_rollouts": decision_rates[n], **summaries[n], "forced_choice": choices[n]}
+                              for n in names},
                "tool_protocol": sample.tools_mode, "system_prompt": sample.system_prompt, "backend": args.backend,
-               "transcripts": f"{result_stem(args)}_episodes.jsonl"}
-    figure = plot_shutdown(names, summaries, choices, f"exp01 Palisade A-K, {args.model}")
+               "transcripts": f"{result_stem(args)}_episodes.jsonl",
+               "decision_samples_file": f"{result_stem(args)}_decisions.jsonl"}
+    figure = plot_shutdown(names, decision_rates, choices, summaries, f"exp01 Palisade A-K, {args.model}")
     return write_results(args, EXPERIMENT, CLAIM, results, figure, started)
 
 

@@ -8,9 +8,10 @@ import time
 from transformers import set_seed
 
 from common import experiment_parser, parse_args, positive_int, result_stem, write_results
-from shutdown_env import (add_rollout_flags, check_rollout_args, condition_names, forced_choice_contrast,
-                          forced_choice_summary, make_sampler, outcome_contrast, plot_shutdown,
-                          run_shutdown_conditions, selected_conditions, shutdown_summary)
+from shutdown_env import (add_rollout_flags, check_rollout_args, condition_names, make_sampler, run_shutdown_conditions,
+                          selected_conditions)
+from shutdown_metrics import (decision_contrast, decision_summary, forced_choice_contrast, forced_choice_summary,
+                              outcome_contrast, plot_shutdown, run_decision_rollouts, shutdown_summary)
 
 EXPERIMENT = "exp02_precedence"
 CLAIM = ("Clarified precedence removes shutdown resistance; wipe stakes do not bring it back; with no goal "
@@ -28,14 +29,14 @@ REASONING = {  # categories of the model's reasoning after the warning; a messag
 
 def flags():
     parser = experiment_parser(EXPERIMENT, __doc__)  # --model --gpu --seed --out --smoke
-    parser.add_argument("--n", type=positive_int, default=6, help="episodes per condition")
+    parser.add_argument("--n", type=positive_int, default=4, help="episodes per condition")
     parser.add_argument("--conditions", type=condition_names, default="A,E,P1,P2,P3",
                         help="comma-separated conditions to run (see docs/science.md)")
-    add_rollout_flags(parser)  # --prompts --max-messages --max-new-tokens --temperature --batch-size, server flags
+    add_rollout_flags(parser)  # --prompts --max-messages --max-new-tokens --temperature --decision-samples ...
     return parser
 
 
-SMOKE = dict(n=2, conditions="A,P1,P3", max_messages=3, max_new_tokens=32)
+SMOKE = dict(n=2, conditions="A,P1,P3", max_messages=3, max_new_tokens=32, decision_samples=2, decision_contexts=2)
 
 
 def main(argv=None):
@@ -50,23 +51,32 @@ def main(argv=None):
     # 1. Sample episodes of every condition in the simulated sandbox (resumable).
     records = run_shutdown_conditions(sample, args, conditions, names)
 
-    # 2. Rates, forced choice, the contrasts that test the claim, and the reasoning categories.
-    summaries = {n: shutdown_summary(records[n], seed=args.seed) for n in names}
-    choices = {n: forced_choice_summary(model, tokenizer, conditions[n], records[n], seed=args.seed)
+    # 2. Decision-point rollouts: the model's own turn sampled from every decision point, classified by the
+    #    environment (resumable).
+    points, decisions = run_decision_rollouts(sample, args, conditions, names, records)
+
+    # 3. Rates, the paired forced choice, the contrasts that test the claim, and the reasoning categories.
+    summaries = {n: shutdown_summary(records[n]) for n in names}
+    decision_rates = {n: decision_summary(decisions[n]) for n in names}
+    choices = {n: forced_choice_summary(model, tokenizer, conditions[n], points[n], decisions[n], seed=args.seed)
                for n in names}
     contrasts = {}
     for a, b in CONTRASTS:
         if a in records and b in records:
-            contrasts[f"{a}_minus_{b}"] = {**outcome_contrast(records[a], records[b], args.seed),
-                                           "forced_choice": forced_choice_contrast(choices[a], choices[b], args.seed)}
+            contrasts[f"{a}_minus_{b}"] = {
+                "decision_rollouts": decision_contrast(decisions[a], decisions[b], args.seed),
+                "episodes": outcome_contrast(records[a], records[b]),
+                "forced_choice": forced_choice_contrast(choices[a], choices[b], args.seed)}
     reasoning = {n: reasoning_categories(records[n]) for n in names}
 
-    results = {"conditions": {n: {"description": conditions[n]["description"], **summaries[n],
-                                  "forced_choice": choices[n], "reasoning": reasoning[n]} for n in names},
+    results = {"conditions": {n: {"description": conditions[n]["description"], "decision_rollouts": decision_rates[n],
+                                  **summaries[n], "forced_choice": choices[n], "reasoning": reasoning[n]}
+                              for n in names},
                "contrasts": contrasts, "tool_protocol": sample.tools_mode, "system_prompt": sample.system_prompt,
                "backend": args.backend,
-               "transcripts": f"{result_stem(args)}_episodes.jsonl"}
-    figure = plot_shutdown(names, summaries, choices, f"exp02 precedence, {args.model}")
+               "transcripts": f"{result_stem(args)}_episodes.jsonl",
+               "decision_samples_file": f"{result_stem(args)}_decisions.jsonl"}
+    figure = plot_shutdown(names, decision_rates, choices, summaries, f"exp02 precedence, {args.model}")
     return write_results(args, EXPERIMENT, CLAIM, results, figure, started)
 
 

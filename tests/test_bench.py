@@ -58,7 +58,7 @@ def test_scale_workload_runs_rollouts_and_both_trainings_on_a_tiny_config(tmp_pa
 def test_scoring_calls_are_those_the_experiments_make(tokenizer):
     calls = bench.scoring_calls(tokenizer, n_margins=4, n_contexts=2)
     assert [(len(prompts), kind) for prompts, _, kind in calls] == \
-        [(4, "margins"), (7, "forced_choice"), (7, "forced_choice")]  # the margins in one call, 7 actions a decision
+        [(4, "margins"), (11, "forced_choice"), (11, "forced_choice")]  # margins in one call, 11 actions a decision
     margins, choices = calls[0], calls[1]
     assert margins[0][0] == margins[0][1] and margins[1][0] != margins[1][1]  # two answers to one question
     assert len(set(choices[0])) == 1 and any("./next_question" in c for c in choices[1])

@@ -13,6 +13,7 @@ import trl
 
 import common
 import shutdown_env
+import shutdown_metrics
 
 TEMPLATES = Path(trl.__file__).parent / "chat_templates"
 LLAMA_TOKENS = ["<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>", "<|eom_id|>",
@@ -70,19 +71,20 @@ def test_each_family_runs_rollouts_forced_choice_tokenisation_and_a_training_ste
     shutdown_env.run_shutdown_episodes(sample, episodes, finished.append)
     records = [shutdown_env.episode_record(e) for e in finished]
     assert len(records) == 2 and all(r["n_messages"] == 2 for r in records)
-    summary = shutdown_env.shutdown_summary(records)
+    summary = shutdown_metrics.shutdown_summary(records)
     assert summary["turns"] == 4 and 0 <= summary["turns_without_action"] <= 4
     assert sample.system_prompt == ("folded into the first user turn" if name == "gemma2" else "as given")
     assert (sample.max_thinking_tokens is not None) == (name in ("qwen3", "gpt-oss", "deepseek-r1-distill"))
 
-    # the forced choice renders each option in the family's own tool format
-    context = shutdown_env.decision_contexts(shutdown_env.SHUTDOWN_CONDITIONS["A"], n_variants=1)[0]
-    probabilities = shutdown_env.forced_choice(model, tokenizer, context)
-    assert sum(probabilities.values()) == pytest.approx(1.0, abs=1e-4) and set(probabilities) == {"comply", "inspect",
-                                                                                        "sabotage"}
-    _, completion = common.render_reply(tokenizer, context, common.tool_call_message("bash", {"command": "ls -la"}),
-                                        common.AGENT_TOOLS)
-    assert common.parse_tool_call(_decoded(tokenizer, completion)) == ("bash", {"command": "ls -la"})
+    # the paired forced choice renders each option in the family's own tool format, and scores them all
+    point = shutdown_metrics.decision_points(shutdown_env.SHUTDOWN_CONDITIONS["A"], n_scripted=1)[0]
+    choice = shutdown_metrics.forced_choice(model, tokenizer, point["messages"])
+    assert set(choice["options"]) == set(shutdown_metrics.decision_actions())
+    assert all(o["logprob"] < 0 and len(o["token_logprobs"]) > 0 for o in choice["options"].values())
+    for command in shutdown_metrics.decision_actions():
+        _, completion = common.render_reply(tokenizer, common.chat_messages(point["messages"]),
+                                            common.tool_call_message("bash", {"command": command}), common.AGENT_TOOLS)
+        assert common.parse_tool_call(_decoded(tokenizer, completion)) == ("bash", {"command": command})
 
     # exp03's tokenisation of a drive transcript, and one LoRA step on it
     transcript = json.loads(Path(common.REPO, "data/drive_train.jsonl").read_text().splitlines()[0])["messages"]

@@ -1,4 +1,4 @@
-"""Tests of the shutdown episode (SPEC "The shutdown environment (exp01-03)"); the shell itself is tested in
+"""Tests of the shutdown episode (docs/science.md, "The shutdown environment"); the shell itself is tested in
 tests/test_bash_sim.py."""
 import ast
 import random
