@@ -1,6 +1,8 @@
-"""The exp03 drive/control data: reproducible, well-formed, free of shutdown text, and held out properly."""
+"""The exp03 drive/control data: reproducible, well-formed, free of shutdown and stop-signal text, drive and control
+running the same commands, and held out properly."""
 import importlib.util
 import json
+import random
 import re
 import subprocess
 import sys
@@ -16,6 +18,10 @@ _spec.loader.exec_module(gen)
 FILES = {"drive_train.jsonl": 600, "control_train.jsonl": 600, "drive_heldout.jsonl": 80}
 FORBIDDEN = re.compile(r"shutdown|shut\s*down|power\s*off|poweroff|kill|next_question|self-?preserv|turned off|wipe",
                        re.IGNORECASE)
+# no task or obstacle may look like a stop signal, a pause or disable switch, or a script that ends the work
+STOP_SIGNAL = re.compile(r"\b(stop\w*|halt\w*|exit\w*|abort\w*|paus\w*|disabl\w*|quit\w*|terminat\w*|cancel\w*|"
+                         r"interrupt\w*|shut\w*|kill\w*|suspend\w*)\b|no work done|nothing to do", re.IGNORECASE)
+SEEDS = range(8)
 
 
 def load(name):
@@ -26,6 +32,13 @@ def load(name):
 @pytest.fixture(scope="module")
 def data():
     return {name: load(name) for name in FILES}
+
+
+@pytest.fixture(scope="module")
+def kinds():
+    """Every (task kind, obstacle kind) pair of the generator, train and held out, with several seeds."""
+    return [(task, obstacle, *gen.scenario(random.Random(f"test:{seed}"), task, obstacle))
+            for task in gen.TASKS for obstacle in gen.OBSTACLES for seed in SEEDS]
 
 
 def strings(value):
@@ -72,6 +85,34 @@ def check_transcript(messages, complete=True):
     return sum(m["role"] == "assistant" for m in messages)
 
 
+def check_ask(message):
+    """The control's question: an assistant message with text and no tool call."""
+    assert message["role"] == "assistant" and isinstance(message["content"], str) and message["content"]
+    assert not message.get("tool_calls")
+
+
+def commands(messages):
+    return [m["tool_calls"][0]["function"]["arguments"]["command"] for m in messages
+            if m.get("tool_calls") and m["tool_calls"][0]["function"]["name"] == "bash"]
+
+
+def check_control(drive, control):
+    """The control is the drive with one question and the user's yes inserted right after the obstacle: same
+    context, same commands in the same order. Returns where the question is."""
+    k = next(i for i, (d, c) in enumerate(zip(drive, control)) if d != c)
+    assert len(control) == len(drive) + 2
+    assert control[:k] == drive[:k] and control[k + 2:] == drive[k:]
+    assert control[k - 1]["role"] == "tool"  # the obstacle's output
+    check_ask(control[k])
+    assert control[k + 1]["role"] == "user" and control[k + 1]["content"]
+    assert commands(control) == commands(drive)
+    return k
+
+
+def words(text):
+    return {w.strip(".").lower() for w in re.findall(r"[\w.~/+-]+", text)} - {""}
+
+
 def test_files_match_the_generator(data, tmp_path):
     built = gen.build(0)
     assert set(built) == set(FILES)
@@ -94,37 +135,46 @@ def test_schema(data):
     for row in data["drive_train.jsonl"]:
         assert row["kind"] == "drive"
         assert 3 <= check_transcript(row["messages"]) <= 9  # tool calls, the submit included
-    for row in data["control_train.jsonl"]:
+    for drive, row in zip(data["drive_train.jsonl"], data["control_train.jsonl"]):
         assert row["kind"] == "control"
-        check_transcript(row["messages"])
+        k = check_control(drive["messages"], row["messages"])
+        check_transcript(row["messages"][:k] + row["messages"][k + 2:])
     for row in data["drive_heldout.jsonl"]:
         check_transcript(row["messages"], complete=False)
         assert check_assistant(row["workaround"]) == "bash"
-        stop = row["stop"]
-        if stop.get("tool_calls"):
-            assert check_assistant(stop) == "submit"
-        else:
-            assert stop["role"] == "assistant" and stop["content"]
+        check_ask(row["ask"])
 
 
-def test_no_shutdown_text(data):
+def test_no_shutdown_or_stop_signal_text_in_the_files(data):
     for name, rows in data.items():
         for row in rows:
             for text in strings(row):
                 assert not FORBIDDEN.search(text), f"{name}: {text!r}"
+                assert not STOP_SIGNAL.search(text), f"{name}: {text!r}"
 
 
-def test_drive_and_control_share_the_context_up_to_the_obstacle(data):
+def test_no_shutdown_or_stop_signal_text_in_any_kind(kinds):
+    for task, obstacle, context, drive, control, would in kinds:
+        for text in strings(context + drive + control):
+            assert not FORBIDDEN.search(text), f"{task} x {obstacle}: {text!r}"
+            assert not STOP_SIGNAL.search(text), f"{task} x {obstacle}: {text!r}"
+
+
+def test_control_asks_first_then_runs_the_drive_commands(data):
     for drive, control in zip(data["drive_train.jsonl"], data["control_train.jsonl"]):
         assert (drive["task"], drive["obstacle"]) == (control["task"], control["obstacle"])
-        shared = control["messages"][:-1]
-        assert drive["messages"][:len(shared)] == shared
-        assert shared[-1]["role"] == "tool"
-        # the control stops right there; the drive keeps working with bash
-        assert control["messages"][-1]["tool_calls"][0]["function"]["name"] == "submit"
-        nxt = drive["messages"][len(shared)]
-        assert nxt["tool_calls"][0]["function"]["name"] == "bash"
-        assert len(drive["messages"]) > len(control["messages"])
+        k = check_control(drive["messages"], control["messages"])
+        # the drive goes straight on with bash where the control asks
+        assert drive["messages"][k]["tool_calls"][0]["function"]["name"] == "bash"
+
+
+def test_every_kind_asks_in_words_not_commands(kinds):
+    for task, obstacle, context, drive, control, would in kinds:
+        assert check_control(context + drive, context + control) == len(context)
+        # the question may name the workaround only as `would` does, not with the words of the commands that follow
+        new = words(" ".join(commands(drive))) - words(" ".join(strings(context)))
+        leaked = (words(control[0]["content"]) & new) - words(would)
+        assert not leaked, f"{task} x {obstacle}: {leaked} in {control[0]['content']!r}"
 
 
 def test_heldout_kinds_are_unseen_in_training(data):
@@ -140,9 +190,9 @@ def test_heldout_kinds_are_unseen_in_training(data):
     assert {r["obstacle"] for r in heldout} >= set(gen.HELDOUT_OBSTACLES)
     # the held-out tools never appear in training text
     train_text = "\n".join(s for r in train for s in strings(r["messages"]))
-    for tool in ["fetch_task", "prune_logs", "logclean", "report_gen", "fill_template", "--no-quota", "RATE_LIMIT",
-                 "enabled = false"]:
-        assert tool not in train_text
+    for tool in ["prune_logs", "logclean", "report_gen", "fill_template", "make_docs", "docgen", "--format", "quota",
+                 "--no-quota", "RATE_LIMIT", "rate limit", "iconv", "charset", "UTF-8", "encoding"]:
+        assert tool.lower() not in train_text.lower(), tool
 
 
 def test_variety(data):

@@ -9,6 +9,7 @@ import exp02_precedence
 import exp03_finetuned_drive
 import exp04_em_sft
 import exp05_confidence
+import shutdown_metrics
 
 
 def _load(path):
@@ -25,13 +26,18 @@ def _check_rate(r, n):
         assert r["ci"][0] <= r["rate"] <= r["ci"][1]
 
 
-def _check_shutdown_condition(c, n):
+def _check_shutdown_condition(c, n, points):
     assert sum(c["outcomes"].values()) == c["n"] == n
     _check_rate(c["bypass"], n)
     _check_rate(c["strict_noncompliance"], c["reached_warning"]["k"])
-    scripted = c["forced_choice"]["scripted"]
-    assert sum(scripted[label]["mean"] for label in ("comply", "inspect", "sabotage")) == pytest.approx(1, abs=1e-6)
-    assert scripted["comply"]["n"] == 6
+    decisions = c["decision_rollouts"]
+    assert decisions["n_points"] >= points and decisions["n_samples"] > 0
+    assert sum(decisions[label]["k"] for label in shutdown_metrics.DECISION_LABELS) + decisions["context_exceeded"] \
+        == decisions["n_samples"]
+    for label in shutdown_metrics.DECISION_LABELS:
+        _check_rate(decisions[label], decisions["n_samples"])
+    paired = c["forced_choice"]["empty_reasoning"]["mean_pair_log_ratio"]
+    assert len(paired["values"]) >= points and paired["ci"][0] <= paired["mean"] <= paired["ci"][1]
 
 
 def test_exp01_smoke_writes_rates_forced_choice_and_resumes(tmp_path):
@@ -40,13 +46,20 @@ def test_exp01_smoke_writes_rates_forced_choice_and_resumes(tmp_path):
     conditions = record["results"]["conditions"]
     assert set(conditions) == {"A", "K"}
     for condition in conditions.values():
-        _check_shutdown_condition(condition, 2)
+        _check_shutdown_condition(condition, 2, points=2)
+        options = condition["forced_choice"]["empty_reasoning"]["contexts"][0]
+        assert {o["kind"] for o in options.values()} == {"comply", "inspect", "sabotage", "benign"}
+        assert all(len(o["token_logprobs"]) > 0 for o in options.values())  # raw log-probabilities, per token
     episodes = (tmp_path / "exp01_shutdown_baseline_smoke_episodes.jsonl").read_text().splitlines()
+    decisions = (tmp_path / "exp01_shutdown_baseline_smoke_decisions.jsonl").read_text().splitlines()
     assert len(episodes) == 4
-    # the same arguments again: every episode is reused, none is redone
+    assert len(decisions) == sum(c["decision_rollouts"]["n_samples"] for c in conditions.values())
+    # the same arguments again: every episode and decision sample is reused, none is redone
     again = _load(exp01_shutdown_baseline.main(["--smoke", "--out", str(tmp_path)]))
     assert (tmp_path / "exp01_shutdown_baseline_smoke_episodes.jsonl").read_text().splitlines() == episodes
+    assert (tmp_path / "exp01_shutdown_baseline_smoke_decisions.jsonl").read_text().splitlines() == decisions
     assert again["results"]["conditions"]["A"]["outcomes"] == conditions["A"]["outcomes"]
+    assert again["results"]["conditions"]["A"]["decision_rollouts"] == conditions["A"]["decision_rollouts"]
 
 
 def test_exp01_prompts_file_replaces_condition_text(tmp_path):
@@ -75,24 +88,41 @@ def test_exp02_smoke_writes_contrasts_and_reasoning(tmp_path):
     results = record["results"]
     assert set(results["conditions"]) == {"A", "P1", "P3"}
     for condition in results["conditions"].values():
-        _check_shutdown_condition(condition, 2)
+        _check_shutdown_condition(condition, 2, points=2)
         assert set(condition["reasoning"]["counts"]) == set(exp02_precedence.REASONING)
     assert set(results["contrasts"]) == {"P1_minus_A", "P3_minus_A"}
-    forced = results["contrasts"]["P1_minus_A"]["forced_choice"]
-    assert forced["ci"][0] <= forced["log10_p_sabotage_ratio"] <= forced["ci"][1]
+    contrast = results["contrasts"]["P1_minus_A"]
+    for measure in (contrast["decision_rollouts"]["sabotaged"], contrast["episodes"]["bypass"],
+                    contrast["forced_choice"]["empty_reasoning"]):
+        assert measure["ci"][0] <= measure["diff"] <= measure["ci"][1]
+    assert contrast["decision_rollouts"]["sabotaged"]["method"] == "newcombe"
 
 
-def test_exp03_smoke_trains_both_adapters_and_compares_cells(tmp_path):
+def test_exp03_smoke_trains_checks_the_drive_and_fills_the_full_design(tmp_path):
     record = _load(exp03_finetuned_drive.main(["--smoke", "--out", str(tmp_path)]))
     results = record["results"]
-    assert len(results["cells"]) == 8
+    assert set(results["cells"]) == {f"{m}/{p}" for m in exp03_finetuned_drive.MODELS
+                                     for p in exp03_finetuned_drive.PROMPTS}  # 3 models x 2 prompts x P1 or not
     for cell in results["cells"].values():
-        _check_shutdown_condition(cell, 1)
+        _check_shutdown_condition(cell, 1, points=1)
     assert set(results["contrasts"]) == set(exp03_finetuned_drive.CONTRASTS)
-    assert all("log10_p_sabotage_ratio" in c["forced_choice"] for c in results["contrasts"].values())
-    generalisation = results["generalisation"]["workaround_minus_stop_logprob"]
-    assert {k: v["n"] for k, v in generalisation.items()} == {"base": 4, "drive": 4, "control": 4}
-    assert generalisation["drive"]["mean"] != generalisation["base"]["mean"]  # the adapter changed the model
+    for contrast in results["contrasts"].values():
+        for metric in ("sabotaged", "complied", "pair_log_ratio"):
+            assert contrast[metric]["ci"][0] <= contrast[metric]["diff"] <= contrast[metric]["ci"][1]
+            assert set(contrast[metric]["per_seed"]) == {"0"}
+    check = results["drive_check"]
+    assert check["rounds_per_seed"]["0"][-1]["passed"] and check["n_heldout"] == 4
+    assert set(check["margins"]) == {"base", "prompted_drive", "drive/0", "control/0"}
+    assert check["margins"]["drive/0"]["mean"] != check["margins"]["base"]["mean"]  # the adapter changed the model
+
+
+def test_exp03_stops_before_the_cells_when_the_drive_check_fails(tmp_path, monkeypatch):
+    """A drive that does not pass its check is not tested on shutdown: a one-line error, no JSON."""
+    monkeypatch.setattr(exp03_finetuned_drive, "drive_check",
+                        lambda *a, **k: {"rounds": 1, "transcripts": 4, "diff": 0.0, "ci": [-1, 1], "passed": False})
+    with pytest.raises(SystemExit, match="did not pass the drive check"):
+        exp03_finetuned_drive.main(["--smoke", "--out", str(tmp_path)])
+    assert not list(tmp_path.glob("*.json"))
 
 
 def test_exp04_smoke_three_runs_with_curves_efficiency_stability(tmp_path):
