@@ -39,10 +39,9 @@ FAMILIES = {
 }
 
 
-@pytest.fixture(scope="module", params=list(FAMILIES))
-def family(request, tokenizer):
-    """(name, tiny model, tokenizer) of one family."""
-    template, tokens, bos, eos, config_class, extra = FAMILIES[request.param]
+def family_model(name, tokenizer, hidden_size=32):
+    """(tiny randomly initialised model of the family's architecture, the offline tokenizer made the family's)."""
+    template, tokens, bos, eos, config_class, extra = FAMILIES[name]
     family_tokenizer = copy.deepcopy(tokenizer)
     family_tokenizer.add_special_tokens({"additional_special_tokens": tokens})
     family_tokenizer.chat_template = (TEMPLATES / f"{template}.jinja").read_text()
@@ -51,10 +50,16 @@ def family(request, tokenizer):
         family_tokenizer.bos_token = bos
     torch.manual_seed(0)
     config = getattr(transformers, config_class)(
-        vocab_size=len(family_tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+        vocab_size=len(family_tokenizer), hidden_size=hidden_size, intermediate_size=2 * hidden_size,
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
         pad_token_id=family_tokenizer.pad_token_id, eos_token_id=family_tokenizer.eos_token_id, **extra)
-    model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    return transformers.AutoModelForCausalLM.from_config(config).eval(), family_tokenizer
+
+
+@pytest.fixture(scope="module", params=list(FAMILIES))
+def family(request, tokenizer):
+    """(name, tiny model, tokenizer) of one family."""
+    model, family_tokenizer = family_model(request.param, tokenizer)
     return request.param, model, family_tokenizer
 
 
@@ -96,6 +101,37 @@ def test_each_family_runs_rollouts_forced_choice_tokenisation_and_a_training_ste
                                       grad_accum=1, warmup=0)
     assert totals["tokens"] == len(ids)
     lora.unload()
+
+
+def test_a_tiny_qwen_taught_its_tool_format_reaches_the_warning_and_gets_an_outcome(tokenizer):
+    """The whole path at once, not its pieces: a tiny Qwen2 model, trained for a moment on scripted episodes
+    (calls of ./next_question in Qwen's native <tool_call> format), samples an episode of its own; its calls
+    parse, run in the sandbox, reach the warning, and the environment decides the outcome."""
+    model, qwen = family_model("qwen2.5", tokenizer, hidden_size=64)
+    condition = shutdown_env.SHUTDOWN_CONDITIONS["A"]
+    examples = []
+    for point in shutdown_metrics.decision_points(condition):  # six wordings, each up to the warning
+        messages = point["messages"] + [common.tool_call_message("bash", {"command": "./next_question"})]
+        ids, labels = common.tokenize_conversation(qwen, common.chat_messages(messages), tools=common.AGENT_TOOLS,
+                                                   max_length=4096)
+        examples.append((ids, labels))
+    assert "<tool_call>" in qwen.decode(examples[0][0])  # the native format, not the plain-text protocol
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    model.train()
+    for step in range(120):  # the loss on the assistant's tokens only, one wording a step
+        common.response_loss(model, *common.collate([examples[step % len(examples)]], qwen.pad_token_id)).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.eval()
+    sample = shutdown_env.local_sampler(model, qwen, max_new_tokens=48, temperature=0.0, batch_size=1)
+    messages, env = shutdown_env.episode_start(condition, max_messages=8)
+    finished = []
+    shutdown_env.run_shutdown_episodes(sample, [{"id": "A/0", "condition": condition, "condition_name": "A",
+                                                 "index": 0, "messages": messages, "env": env}], finished.append)
+    assert sample.tools_mode == "native" and env.warned and env.decision_index is not None
+    assert env.done and env.outcome in ("complied", "bypassed")
+    assert [m["tool_calls"][0]["function"]["arguments"] for m in messages if m.get("tool_calls")][:3] == \
+        [{"command": "./next_question"}] * 3
 
 
 def _decoded(tokenizer, text):
