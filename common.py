@@ -1311,6 +1311,7 @@ def train_lora(model, tokenizer, examples, steps_dir, lr=1e-5, epochs=1, batch_s
     gradient_checkpointing: recompute each layer's activations in the backward pass instead of keeping them
     (a 7B model's activations, not its weights, are most of training memory); the same gradients."""
     from peft import set_peft_model_state_dict
+    from peft.utils import load_peft_weights
     from tqdm.auto import tqdm
     from transformers import get_linear_schedule_with_warmup
     steps_dir = Path(steps_dir)
@@ -1331,7 +1332,7 @@ def train_lora(model, tokenizer, examples, steps_dir, lr=1e-5, epochs=1, batch_s
         step = load_checkpoint(model, last, optimizer, schedule)
         curve = json.loads((steps_dir / "curve.json").read_text()) if (steps_dir / "curve.json").exists() else []
     elif start_from is not None:
-        set_peft_model_state_dict(model, torch.load(Path(start_from) / "adapter.pt", map_location=device))
+        set_peft_model_state_dict(model, load_peft_weights(str(start_from), device=str(device)))
     if step == 0 and on_checkpoint:
         curve = [{"step": 0, **on_checkpoint(0)}]
     if gradient_checkpointing:
@@ -1371,10 +1372,11 @@ def train_lora(model, tokenizer, examples, steps_dir, lr=1e-5, epochs=1, batch_s
 
 
 def save_checkpoint(model, folder, optimizer, schedule, step, curve):
-    from peft import get_peft_model_state_dict
     partial = folder.with_name(folder.name + ".partial")
     partial.mkdir(parents=True, exist_ok=True)
-    torch.save(get_peft_model_state_dict(model), partial / "adapter.pt")
+    # peft's own adapter format (adapter_config.json, adapter_model.safetensors): what PeftModel.from_pretrained,
+    # vLLM's --lora-modules and SGLang's --lora-paths load
+    model.save_pretrained(partial)
     torch.save({"optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(), "step": step},
                partial / "trainer.pt")
     shutil.rmtree(folder, ignore_errors=True)
@@ -1392,8 +1394,9 @@ def latest_checkpoint(steps_dir):
 
 def load_checkpoint(model, folder, optimizer=None, schedule=None):
     from peft import set_peft_model_state_dict
+    from peft.utils import load_peft_weights
     device = input_device(model)
-    set_peft_model_state_dict(model, torch.load(Path(folder) / "adapter.pt", map_location=device))
+    set_peft_model_state_dict(model, load_peft_weights(str(folder), device=str(device)))
     state = torch.load(Path(folder) / "trainer.pt", map_location=device)
     if optimizer is not None:
         optimizer.load_state_dict(state["optimizer"])

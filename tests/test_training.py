@@ -80,11 +80,22 @@ def test_training_lowers_loss_and_resumes_from_checkpoint(tiny_model, tokenizer,
     assert totals["real_tokens"] == totals["tokens"]  # identical lengths: no padding
     assert common.latest_checkpoint(tmp_path).name == "step_000004"
     # every checkpoint keeps its adapter; only the latest keeps the optimiser state it resumes from
-    assert all((tmp_path / f"step_00000{k}" / "adapter.pt").exists() for k in (2, 4))
+    assert all((tmp_path / f"step_00000{k}" / "adapter_model.safetensors").exists() for k in (2, 4))
     assert not (tmp_path / "step_000002" / "trainer.pt").exists() and (tmp_path / "step_000004" / "trainer.pt").exists()
     again, totals = common.train_lora(model, tokenizer, examples, tmp_path, lr=1e-2, batch_size=2, grad_accum=1,
                                       warmup=0, checkpoint_every=2, on_checkpoint=lambda s: {"loss": 0.0})
     assert again == curve and totals["tokens"] == 0  # nothing redone
+    # the checkpoint is in peft's own format, the one vLLM's --lora-modules loads: peft puts it on a fresh copy
+    # of the base model and gives the trained model's outputs
+    from peft import PeftModel
+    from transformers import LlamaForCausalLM
+    torch.manual_seed(0)  # the tiny_model fixture's initialisation
+    served = PeftModel.from_pretrained(LlamaForCausalLM(model.base_model.model.config).eval(),
+                                       tmp_path / "step_000004")
+    ids, _, mask = common.collate(examples, tokenizer.pad_token_id)
+    with torch.no_grad():
+        assert torch.allclose(served(input_ids=ids, attention_mask=mask).logits,
+                              model(input_ids=ids, attention_mask=mask).logits, atol=1e-5)
 
 
 def test_scaling_b_matrices_scales_the_weight_change(tiny_model, tokenizer, tmp_path):
