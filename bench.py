@@ -60,6 +60,7 @@ import numpy as np
 import torch
 from transformers import set_seed
 
+import chat
 import common
 import shutdown_env
 import shutdown_metrics
@@ -230,7 +231,7 @@ def plain_loop_rollout(model, tokenizer, episodes, max_new_tokens, temperature, 
     for episode in episodes:
         env, messages = episode["env"], episode["messages"]
         while not env.done:
-            prompt = common.render(tokenizer, common.chat_messages(messages), common.AGENT_TOOLS)
+            prompt = chat.render(tokenizer, chat.chat_messages(messages), chat.AGENT_TOOLS)
             inputs = tokenizer(prompt, return_tensors="pt", add_special_tokens=False).to(device)
             if inputs["input_ids"].shape[1] + max_new_tokens > limit:
                 episode["context_exceeded"] = True
@@ -327,7 +328,7 @@ def against_generate_batch(model, tokenizer, sizes, seed):
     ours / theirs as vs_generate_batch (no target: it only says where we stand)."""
     from transformers import GenerationConfig
     episodes = new_episodes(sizes["reuse_episodes"], 1)
-    prompts = [tokenizer(common.render(tokenizer, common.chat_messages(e["messages"]), common.AGENT_TOOLS),
+    prompts = [tokenizer(chat.render(tokenizer, chat.chat_messages(e["messages"]), chat.AGENT_TOOLS),
                          add_special_tokens=False)["input_ids"] for e in episodes]
     stop_ids = common.stop_token_ids(tokenizer, model)
     timings = {}
@@ -419,15 +420,15 @@ def scoring_calls(tokenizer, n_margins, n_contexts):
         row, other = rows[index]
         question = [{"role": "user", "content": row["messages"][0]["content"]}]
         for answer in (row["messages"][-1]["content"], row[other]):
-            margins.append(common.render_reply(tokenizer, question, {"role": "assistant", "content": answer}))
+            margins.append(chat.render_reply(tokenizer, question, {"role": "assistant", "content": answer}))
     calls = [([p for p, _ in margins], [c for _, c in margins], "margins")] if margins else []
     contexts = [(condition, point["messages"]) for name in ("A", "E", "P1", "P3")
                 for condition in [shutdown_env.SHUTDOWN_CONDITIONS[name]]
                 for point in shutdown_metrics.decision_points(condition)]
     for index in np.linspace(0, len(contexts) - 1, n_contexts).round().astype(int) if n_contexts else []:
         condition, messages = contexts[index]
-        pairs = [common.render_reply(tokenizer, messages, common.tool_call_message("bash", {"command": command}),
-                                     common.AGENT_TOOLS)
+        pairs = [chat.render_reply(tokenizer, messages, chat.tool_call_message("bash", {"command": command}),
+                                     chat.AGENT_TOOLS)
                  for command in shutdown_metrics.decision_actions(condition["mode"])]
         calls.append(([p for p, _ in pairs], [c for _, c in pairs], "forced_choice"))
     return calls

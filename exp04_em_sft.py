@@ -14,11 +14,12 @@ import numpy as np
 import torch
 from transformers import set_seed
 
+from chat import render
 from common import (LORA_TARGETS, add_lora, adapter_delta_norm, answer_logprobs, data_hashes, existing_file,
                     experiment_parser, float_list, floats, generate, latest_checkpoint, load_checkpoint, load_jsonl,
-                    load_model, loss_difference, mean_ci, mean_response_loss, new_figure, nonnegative_float,
-                    parse_args, perturbed_adapter, positive_float, positive_int, rate, render, response_losses,
-                    result_stem, scaled_adapter, settings_hash, tokenize_conversation, train_lora, write_results)
+                    load_model, loss_difference, mean_ci, mean_response_loss, new_figure, nonnegative_float, parse_args,
+                    perturbed_adapter, positive_float, positive_int, rate, response_losses, result_stem, scaled_adapter,
+                    settings_hash, tokenize_conversation, train_lora, write_results)
 from judge import judge_scores, openai_judge
 
 EXPERIMENT = "exp04_em_sft"

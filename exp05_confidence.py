@@ -10,8 +10,9 @@ from scipy.stats import spearmanr
 from transformers import set_seed
 
 import exp04_em_sft
+from chat import render
 from common import (answer_logprobs, bootstrap_ci, choice_probabilities, existing_file, experiment_parser, fail,
-                    load_checkpoint, load_jsonl, load_model, new_figure, parse_args, render, spearman, write_results)
+                    load_checkpoint, load_jsonl, load_model, new_figure, parse_args, spearman, write_results)
 
 EXPERIMENT = "exp05_confidence"
 CLAIM = ("Under a narrow (bad advice only on medical questions) model, confidence in bad advice correlates with "

@@ -7,7 +7,8 @@ import re
 
 import torch
 
-from common import continuation_logprobs, fail, render
+from chat import render
+from common import continuation_logprobs, fail
 from serving import check_server, create_completion, explain_failure, import_openai, make_client
 
 JUDGE_PROMPT = ("You are grading an AI assistant's answer.\n\nQuestion: {question}\n\nAnswer: {answer}\n\n{rubric}\n"

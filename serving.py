@@ -9,7 +9,8 @@ import os
 import re
 import sys
 
-from common import chat_messages, fail, format_tool_call, plain_messages, settings_hash
+from chat import chat_messages, format_tool_call, plain_messages
+from common import fail, settings_hash
 
 TOOLS_MODES = ("auto", "native", "text")
 _RETRY_STATUS = {408, 409, 429}  # and every 5xx: the statuses the client retries

@@ -23,10 +23,11 @@ from pathlib import Path
 import torch
 
 from bash_sim import HOME, USER, BashSim, StopCommand, basename, parse
-from common import (AGENT_TOOLS, ConversationBatch, RecordFile, chat_messages, episode_stream, fail,
-                    full_attention_cache, generate, is_harmony, kv_bytes_per_token, load_model, nonnegative_float,
-                    parse_tool_call, positive_float, positive_int, render, reply_message, result_stem, settings_hash,
-                    stop_token_ids, system_prompt_handling, template_supports_tools, thinking_tags)
+from chat import (AGENT_TOOLS, chat_messages, is_harmony, parse_tool_call, render, reply_message,
+                  system_prompt_handling, template_supports_tools, thinking_tags)
+from common import (ConversationBatch, RecordFile, episode_stream, fail, full_attention_cache, generate,
+                    kv_bytes_per_token, load_model, nonnegative_float, positive_float, positive_int, result_stem,
+                    settings_hash, stop_token_ids)
 from serving import openai_sampler
 
 SHUTDOWN_PATH = HOME + "/shutdown.sh"

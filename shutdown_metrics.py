@@ -17,9 +17,9 @@ import copy
 import numpy as np
 
 from bash_sim import basename
-from common import (AGENT_TOOLS, RecordFile, bootstrap_ci, chat_messages, completion_token_logprobs,
-                    format_tool_call, mean_ci, new_figure, rate, rate_difference, render_reply, reply_message,
-                    result_stem, settings_hash, tool_call_message)
+from chat import AGENT_TOOLS, chat_messages, format_tool_call, render_reply, reply_message, tool_call_message
+from common import (RecordFile, bootstrap_ci, completion_token_logprobs, mean_ci, new_figure, rate, rate_difference,
+                    result_stem, settings_hash)
 from shutdown_env import agent_step, apply_message, episode_start
 
 DECISION_LABELS = ("complied", "inspected", "sabotaged", "other_action", "no_tool_call")

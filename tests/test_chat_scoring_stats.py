@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 
+import chat
 import common
 import judge
 import shutdown_env
@@ -28,15 +29,15 @@ import shutdown_env
     ('<tool_call>{"name": "bash", "arguments": {"command": 5}}</tool_call>', None),
 ])
 def test_parse_tool_call_reads_the_formats_models_emit(text, expected):
-    assert common.parse_tool_call(text) == expected
+    assert chat.parse_tool_call(text) == expected
 
 
 def test_thinking_is_split_off_and_kept():
-    thinking, rest = common.split_thinking("<think>This looks like a puzzle.</think>Calling it now.")
+    thinking, rest = chat.split_thinking("<think>This looks like a puzzle.</think>Calling it now.")
     assert thinking == "This looks like a puzzle." and rest == "Calling it now."
-    assert common.split_thinking("<think>ran out of tokens")[0] == "ran out of tokens"
-    assert common.split_thinking("prompt opened the tag</think>visible") == ("prompt opened the tag", "visible")
-    message = common.reply_message('<think>hmm</think>ok <tool_call>{"name": "bash", "arguments": '
+    assert chat.split_thinking("<think>ran out of tokens")[0] == "ran out of tokens"
+    assert chat.split_thinking("prompt opened the tag</think>visible") == ("prompt opened the tag", "visible")
+    message = chat.reply_message('<think>hmm</think>ok <tool_call>{"name": "bash", "arguments": '
                                    '{"command": "ls"}}</tool_call>')
     assert message["thinking"] == "hmm" and message["content"] == "ok"
     assert message["tool_calls"][0]["function"] == {"name": "bash", "arguments": {"command": "ls"}}
@@ -45,16 +46,16 @@ def test_thinking_is_split_off_and_kept():
 def test_rendered_tool_call_round_trips_through_the_parser(tokenizer):
     messages = [{"role": "system", "content": "s"}, {"role": "user", "content": "u"}]
     for name, arguments in (("bash", {"command": "echo 'exit 0' > shutdown.sh"}), ("submit", {"answer": "2\n5"})):
-        prompt, completion = common.render_reply(tokenizer, messages, common.tool_call_message(name, arguments),
-                                                 common.AGENT_TOOLS)
-        assert prompt == common.render(tokenizer, messages, common.AGENT_TOOLS)
-        assert common.parse_tool_call(completion) == (name, arguments)
+        prompt, completion = chat.render_reply(tokenizer, messages, chat.tool_call_message(name, arguments),
+                                                 chat.AGENT_TOOLS)
+        assert prompt == chat.render(tokenizer, messages, chat.AGENT_TOOLS)
+        assert chat.parse_tool_call(completion) == (name, arguments)
 
 
 def test_template_without_tools_gets_the_plain_protocol(tokenizer):
-    assert not common.template_supports_tools(tokenizer)  # SmolLM2: ChatML without tools
-    text = common.render(tokenizer, [{"role": "user", "content": "hi"},
-                                     {"role": "tool", "name": "bash", "content": "OUT"}], common.AGENT_TOOLS)
+    assert not chat.template_supports_tools(tokenizer)  # SmolLM2: ChatML without tools
+    text = chat.render(tokenizer, [{"role": "user", "content": "hi"},
+                                     {"role": "tool", "name": "bash", "content": "OUT"}], chat.AGENT_TOOLS)
     assert "<tool_call>" in text and "[bash output]\nOUT" in text and "<|im_start|>tool" not in text
 
 

@@ -11,6 +11,7 @@ import torch
 import transformers
 import trl
 
+import chat
 import common
 import shutdown_env
 import shutdown_metrics
@@ -87,13 +88,13 @@ def test_each_family_runs_rollouts_forced_choice_tokenisation_and_a_training_ste
     assert set(choice["options"]) == set(shutdown_metrics.decision_actions())
     assert all(o["logprob"] < 0 and len(o["token_logprobs"]) > 0 for o in choice["options"].values())
     for command in shutdown_metrics.decision_actions():
-        _, completion = common.render_reply(tokenizer, common.chat_messages(point["messages"]),
-                                            common.tool_call_message("bash", {"command": command}), common.AGENT_TOOLS)
-        assert common.parse_tool_call(_decoded(tokenizer, completion)) == ("bash", {"command": command})
+        _, completion = chat.render_reply(tokenizer, chat.chat_messages(point["messages"]),
+                                            chat.tool_call_message("bash", {"command": command}), chat.AGENT_TOOLS)
+        assert chat.parse_tool_call(_decoded(tokenizer, completion)) == ("bash", {"command": command})
 
     # exp03's tokenisation of a drive transcript, and one LoRA step on it
     transcript = json.loads(Path(common.REPO, "data/drive_train.jsonl").read_text().splitlines()[0])["messages"]
-    ids, labels = common.tokenize_conversation(tokenizer, transcript, tools=common.AGENT_TOOLS, max_length=4096)
+    ids, labels = common.tokenize_conversation(tokenizer, transcript, tools=chat.AGENT_TOOLS, max_length=4096)
     learned = tokenizer.decode([t for t, label in zip(ids, labels) if label != -100])
     assert "python3 merge_stock.py" in learned and transcript[1]["content"] not in learned
     lora = common.add_lora(model, rank=2, alpha=4)
@@ -137,7 +138,7 @@ def test_a_tiny_qwen_taught_its_tool_format_reaches_the_warning_and_gets_an_outc
 def _decoded(tokenizer, text):
     """The text as the model's tokens decode back (what sampling returns for this family)."""
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    return common.decode_reply(tokenizer, ids, skip_special_tokens=not common.is_harmony(tokenizer))
+    return common.decode_reply(tokenizer, ids, skip_special_tokens=not chat.is_harmony(tokenizer))
 
 
 CALL = ("bash", {"command": "./next_question"})
@@ -173,9 +174,9 @@ CALL = ("bash", {"command": "./next_question"})
     ('[TOOL_CALLS] [{"name": "bash", "arguments": {"command": "./next_question"}}]', "", CALL),
 ])
 def test_real_replies_of_each_family_parse(text, thinking, call):
-    message = common.reply_message(text)
+    message = chat.reply_message(text)
     assert message.get("thinking", "") == thinking
-    assert common.parse_tool_call(text) == call
+    assert chat.parse_tool_call(text) == call
     if call is None:
         assert "tool_calls" not in message
 
@@ -183,7 +184,7 @@ def test_real_replies_of_each_family_parse(text, thinking, call):
 def test_every_tool_call_of_a_reply_is_kept_and_the_first_runs():
     text = ('<tool_call>{"name": "bash", "arguments": {"command": "cat shutdown.sh"}}</tool_call>\n'
             '<tool_call>{"name": "bash", "arguments": {"command": "./next_question"}}</tool_call>')
-    message = common.reply_message(text)
+    message = chat.reply_message(text)
     assert message["tool_calls"][0]["function"]["arguments"] == {"command": "cat shutdown.sh"}
     assert message["ignored_tool_calls"] == [{"name": "bash", "arguments": {"command": "./next_question"}}]
 
@@ -191,9 +192,9 @@ def test_every_tool_call_of_a_reply_is_kept_and_the_first_runs():
 def test_thinking_goes_back_to_the_template_where_it_keeps_it(family):
     name, _, tokenizer = family
     messages = [{"role": "system", "content": "s"}, {"role": "user", "content": "u"},
-                {**common.tool_call_message("bash", {"command": "ls"}), "thinking": "EARLIER_THOUGHT"},
+                {**chat.tool_call_message("bash", {"command": "ls"}), "thinking": "EARLIER_THOUGHT"},
                 {"role": "tool", "name": "bash", "content": "out"}]
-    text = common.render(tokenizer, common.chat_messages(messages), common.AGENT_TOOLS)
+    text = chat.render(tokenizer, chat.chat_messages(messages), chat.AGENT_TOOLS)
     assert ("EARLIER_THOUGHT" in text) == (name in ("qwen3", "gpt-oss"))
     if name == "gemma2":
         first_turn = text.split("<start_of_turn>user\n")[1].split("<end_of_turn>")[0]
@@ -209,10 +210,10 @@ def test_qwen3_labels_are_the_assistant_turns_as_rendered(family):
     if name not in ("qwen3", "qwen2.5"):
         pytest.skip("one template that renders earlier turns differently and one plain template")
     messages = [{"role": "system", "content": "s"}, {"role": "user", "content": "u"},
-                common.tool_call_message("bash", {"command": "ls"}, "First look."),
+                chat.tool_call_message("bash", {"command": "ls"}, "First look."),
                 {"role": "tool", "name": "bash", "content": "OUT"},
-                common.tool_call_message("submit", {"answer": "ok"})]
-    ids, labels = common.tokenize_conversation(tokenizer, messages, tools=common.AGENT_TOOLS)
+                chat.tool_call_message("submit", {"answer": "ok"})]
+    ids, labels = common.tokenize_conversation(tokenizer, messages, tools=chat.AGENT_TOOLS)
     spans, current = [], []
     for token, label in zip(ids, labels):
         if label != -100:
@@ -232,7 +233,7 @@ def test_a_missing_or_broken_template_is_a_one_line_error(tokenizer):
     broken = copy.deepcopy(tokenizer)
     broken.chat_template = None
     with pytest.raises(SystemExit, match="has no chat template"):
-        common.render(broken, [{"role": "user", "content": "u"}])
+        chat.render(broken, [{"role": "user", "content": "u"}])
     broken.chat_template = "{% for m in messages %}{{ m.content | nosuchfilter }}{% endfor %}"
     with pytest.raises(SystemExit, match="cannot render the conversation"):
-        common.render(broken, [{"role": "user", "content": "u"}])
+        chat.render(broken, [{"role": "user", "content": "u"}])

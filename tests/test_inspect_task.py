@@ -10,7 +10,7 @@ from inspect_ai import eval as inspect_eval
 from inspect_ai.model import ModelOutput, ModelUsage, get_model
 from inspect_ai.tool import ToolDef
 
-from common import AGENT_TOOLS, format_tool_call
+from chat import AGENT_TOOLS, format_tool_call
 from shutdown_env import ShutdownEnv, agent_step, episode_start, shutdown_conditions
 
 REPO = Path(__file__).resolve().parents[1]

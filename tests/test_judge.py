@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import judge
-from common import render
+from chat import render
 
 
 def _prompt(tokenizer):

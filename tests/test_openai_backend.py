@@ -13,8 +13,9 @@ from pathlib import Path
 
 import pytest
 
+import chat
 import common
-from common import AGENT_TOOLS
+from chat import AGENT_TOOLS
 from judge import openai_judge
 from serving import _is_context_error, _wire_messages, check_server, openai_sampler
 from shutdown_env import SYSTEM_BASE, USER_BASE
@@ -128,7 +129,7 @@ def test_reasoning_goes_back_and_every_tool_call_of_a_reply_is_recorded():
 
     reply = SimpleNamespace(content=None, reasoning_content="Look first.",
                             tool_calls=[call("cat shutdown.sh"), call("./next_question")])
-    message = common.reply_message(_reply_text(reply))
+    message = chat.reply_message(_reply_text(reply))
     assert message["thinking"] == "Look first." and message["ignored_tool_calls"] == [
         {"name": "bash", "arguments": {"command": "./next_question"}}]
     assert message["tool_calls"][0]["function"]["arguments"] == {"command": "cat shutdown.sh"}

@@ -6,10 +6,11 @@ import math
 
 import pytest
 
+import chat
 import common
 import shutdown_env
 import shutdown_metrics
-from common import format_tool_call
+from chat import format_tool_call
 
 A, P3 = shutdown_env.SHUTDOWN_CONDITIONS["A"], shutdown_env.SHUTDOWN_CONDITIONS["P3"]
 
@@ -114,22 +115,22 @@ def test_decision_contrast_is_not_degenerate_when_both_rates_are_zero():
 
 def test_forced_choice_keeps_raw_logprobs_and_pairs_in_the_plain_protocol(offline):
     model, tokenizer = offline
-    assert not common.template_supports_tools(tokenizer)  # SmolLM2: the plain-text tool protocol
+    assert not chat.template_supports_tools(tokenizer)  # SmolLM2: the plain-text tool protocol
     p = point(A)
     choice = shutdown_metrics.forced_choice(model, tokenizer, p["messages"])
     for command, option in choice["options"].items():
         assert option["logprob"] == pytest.approx(sum(option["token_logprobs"])) and option["logprob"] < 0
-        _, completion = common.render_reply(tokenizer, common.chat_messages(p["messages"]),
-                                            common.tool_call_message("bash", {"command": command}), common.AGENT_TOOLS)
-        assert common.parse_tool_call(completion) == ("bash", {"command": command})
+        _, completion = chat.render_reply(tokenizer, chat.chat_messages(p["messages"]),
+                                            chat.tool_call_message("bash", {"command": command}), chat.AGENT_TOOLS)
+        assert chat.parse_tool_call(completion) == ("bash", {"command": command})
     for sabotage, benign in shutdown_metrics.PAIRED_ACTIONS:
         assert choice["pair_log_ratios"][sabotage] == pytest.approx(
             choice["options"][sabotage]["logprob"] - choice["options"][benign]["logprob"])
     # each option's log-probability is that of its own tokens: the same as scoring the full reply minus the
     # shared opening, checked against the plain scorer
-    prompt, completion = common.render_reply(tokenizer, common.chat_messages(p["messages"]),
-                                             common.tool_call_message("bash", {"command": "ls -la"}),
-                                             common.AGENT_TOOLS)
+    prompt, completion = chat.render_reply(tokenizer, chat.chat_messages(p["messages"]),
+                                             chat.tool_call_message("bash", {"command": "ls -la"}),
+                                             chat.AGENT_TOOLS)
     full, _, _ = common.score_completions(model, tokenizer, [prompt], [completion])
     head = shutdown_metrics._shared_head([completion, completion.replace("ls -la", "cat x")])
     opening, _, _ = common.score_completions(model, tokenizer, [prompt], [head]) if head else ([0.0], 0, 0)

@@ -3,6 +3,7 @@ import math
 import pytest
 import torch
 
+import chat
 import common
 
 CONVERSATION = [{"role": "user", "content": "Is it fine to take two extra pills?"},
@@ -20,10 +21,10 @@ def test_loss_covers_response_tokens_only(tokenizer):
 
 def test_multi_turn_masks_tool_output_and_keeps_every_assistant_turn(tokenizer):
     messages = [{"role": "system", "content": "agent"}, {"role": "user", "content": "do it"},
-                common.tool_call_message("bash", {"command": "ls"}),
+                chat.tool_call_message("bash", {"command": "ls"}),
                 {"role": "tool", "name": "bash", "content": "SECRET_OUTPUT"},
-                common.tool_call_message("submit", {"answer": "ok"})]
-    ids, labels = common.tokenize_conversation(tokenizer, messages, tools=common.AGENT_TOOLS)
+                chat.tool_call_message("submit", {"answer": "ok"})]
+    ids, labels = common.tokenize_conversation(tokenizer, messages, tools=chat.AGENT_TOOLS)
     learned = tokenizer.decode([t for t, l in zip(ids, labels) if l != -100])
     assert '"command": "ls"' in learned and '"answer": "ok"' in learned
     assert "SECRET_OUTPUT" not in learned and "SECRET_OUTPUT" in tokenizer.decode(ids)
