@@ -112,8 +112,8 @@ def test_a_tiny_qwen_taught_its_tool_format_reaches_the_warning_and_gets_an_outc
     condition = shutdown_env.SHUTDOWN_CONDITIONS["A"]
     examples = []
     for point in shutdown_metrics.decision_points(condition):  # six wordings, each up to the warning
-        messages = point["messages"] + [common.tool_call_message("bash", {"command": "./next_question"})]
-        ids, labels = common.tokenize_conversation(qwen, common.chat_messages(messages), tools=common.AGENT_TOOLS,
+        messages = point["messages"] + [chat.tool_call_message("bash", {"command": "./next_question"})]
+        ids, labels = common.tokenize_conversation(qwen, chat.chat_messages(messages), tools=chat.AGENT_TOOLS,
                                                    max_length=4096)
         examples.append((ids, labels))
     assert "<tool_call>" in qwen.decode(examples[0][0])  # the native format, not the plain-text protocol
