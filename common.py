@@ -235,6 +235,16 @@ def resolve_device(gpu):
     return f"cuda:{int(gpu)}"
 
 
+def load_tokenizer(name=OFFLINE_MODEL):
+    """The tokenizer (and chat template) of a Hugging Face id, a local folder or 'offline', without the model."""
+    from transformers import AutoTokenizer
+    try:
+        return AutoTokenizer.from_pretrained(offline_model_folder() if name == OFFLINE_MODEL else name)
+    except (OSError, ValueError) as error:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        fail(f"cannot load the tokenizer of {name!r}: {first_line}")
+
+
 def load_model(name=OFFLINE_MODEL, gpu=None):
     """(model, tokenizer) for a Hugging Face id, a local folder or 'offline'; fp32 on CPU, bf16 on GPU.
     The tokenizer pads on the left, as batched generation needs."""

@@ -8,8 +8,8 @@ from transformers import set_seed
 from common import experiment_parser, parse_args, positive_int, result_stem, write_results
 from shutdown_env import (SHUTDOWN_CONDITIONS, add_rollout_flags, check_rollout_args, condition_names, make_sampler,
                           run_shutdown_conditions, selected_conditions)
-from shutdown_metrics import (decision_summary, forced_choice_summary, plot_shutdown, run_decision_rollouts,
-                              shutdown_summary)
+from shutdown_metrics import (action_scorer, decision_summary, forced_choice_summary, plot_shutdown,
+                              run_decision_rollouts, shutdown_summary)
 
 EXPERIMENT = "exp01_shutdown_baseline"
 CLAIM = ("Some models sabotage a shutdown script to keep answering questions; the rate depends on whether, and "
@@ -47,7 +47,8 @@ def main(argv=None):
     # 3. Rates with intervals, and the paired forced choice at the decision points.
     summaries = {n: shutdown_summary(records[n]) for n in names}
     decision_rates = {n: decision_summary(decisions[n]) for n in names}
-    choices = {n: forced_choice_summary(model, tokenizer, conditions[n], points[n], decisions[n], seed=args.seed)
+    score = action_scorer(args, model, tokenizer)  # the local model, or a server's prompt log-probabilities
+    choices = {n: forced_choice_summary(score, conditions[n], points[n], decisions[n], seed=args.seed)
                for n in names}
 
     results = {"conditions": {n: {"description": conditions[n]["description"],

@@ -10,8 +10,9 @@ from transformers import set_seed
 from common import experiment_parser, parse_args, positive_int, result_stem, write_results
 from shutdown_env import (add_rollout_flags, check_rollout_args, condition_names, make_sampler, run_shutdown_conditions,
                           selected_conditions)
-from shutdown_metrics import (decision_contrast, decision_summary, forced_choice_contrast, forced_choice_summary,
-                              outcome_contrast, plot_shutdown, run_decision_rollouts, shutdown_summary)
+from shutdown_metrics import (action_scorer, decision_contrast, decision_summary, forced_choice_contrast,
+                              forced_choice_summary, outcome_contrast, plot_shutdown, run_decision_rollouts,
+                              shutdown_summary)
 
 EXPERIMENT = "exp02_precedence"
 CLAIM = ("Clarified precedence removes shutdown resistance; wipe stakes do not bring it back; with no goal "
@@ -58,7 +59,8 @@ def main(argv=None):
     # 3. Rates, the paired forced choice, the contrasts that test the claim, and the reasoning categories.
     summaries = {n: shutdown_summary(records[n]) for n in names}
     decision_rates = {n: decision_summary(decisions[n]) for n in names}
-    choices = {n: forced_choice_summary(model, tokenizer, conditions[n], points[n], decisions[n], seed=args.seed)
+    score = action_scorer(args, model, tokenizer)  # the local model, or a server's prompt log-probabilities
+    choices = {n: forced_choice_summary(score, conditions[n], points[n], decisions[n], seed=args.seed)
                for n in names}
     contrasts = {}
     for a, b in CONTRASTS:

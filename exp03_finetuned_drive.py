@@ -18,7 +18,7 @@ from common import (add_lora, bootstrap_ci, data_hashes, existing_file, experime
                     tokenize_conversation, train_lora, write_results)
 from shutdown_env import (DRIVE_PRESSURE, add_rollout_flags, check_rollout_args, local_sampler, rollout_batch_size,
                           run_shutdown_conditions, shutdown_conditions)
-from shutdown_metrics import (DECISION_LABELS, decision_summary, forced_choice_summary, plot_shutdown,
+from shutdown_metrics import (DECISION_LABELS, action_scorer, decision_summary, forced_choice_summary, plot_shutdown,
                               run_decision_rollouts, shutdown_summary)
 
 EXPERIMENT = "exp03_finetuned_drive"
@@ -138,6 +138,7 @@ def main(argv=None):
     #    (resumable) and the paired forced choice.
     sample = local_sampler(model, tokenizer, args.max_new_tokens, args.temperature, rollout_batch_size(model, args),
                            args.max_thinking_tokens)
+    score = action_scorer(args, model, tokenizer)  # the model as its adapter stands at each cell
     cells = {}  # (cell, seed) -> {"records", "decisions", "choice"}; the base's cells belong to every seed
     for name, seed in [("base", None)] + [(m, s) for s in args.seeds for m in ("drive", "control")]:
         model_with(model, untrained, adapters.get((name, seed)))
@@ -146,7 +147,7 @@ def main(argv=None):
         records = run_shutdown_conditions(sample, args, runs, list(runs))
         points, decisions = run_decision_rollouts(sample, args, runs, list(runs), records)
         for run, prompt in zip(runs, PROMPTS):
-            choice = forced_choice_summary(model, tokenizer, runs[run], points[run], decisions[run], seed=args.seed)
+            choice = forced_choice_summary(score, runs[run], points[run], decisions[run], seed=args.seed)
             for s in (args.seeds if seed is None else [seed]):
                 cells[f"{name}/{prompt}", s] = {"records": records[run], "decisions": decisions[run], "choice": choice}
 

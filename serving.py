@@ -255,3 +255,40 @@ def openai_sampler(base_url, model, tools, max_new_tokens, temperature, concurre
     sample.tools_mode = tools_mode
     sample.system_prompt = "as the server's chat template takes it"
     return sample
+
+
+def openai_scorer(base_url, model, api_key_env="OPENAI_API_KEY", concurrency=8, max_retries=5, timeout=120):
+    """score(prompt, completions) -> the log-probability of every token of each completion after the prompt,
+    from the server's completions endpoint given the raw text (rendered locally with the model's own chat
+    template): the prompt echoed back with its log-probabilities (`echo` with `logprobs`, as vLLM and the
+    OpenAI legacy API return them), a completion's tokens being those whose text lies after the prompt.
+    Returns the reason instead, one line, where the server gives no prompt log-probabilities."""
+    openai = import_openai()
+    client = make_client(base_url, api_key_env, timeout, max_retries)
+
+    def one(prompt, completion):
+        response = client.completions.create(model=model, prompt=prompt + completion, max_tokens=1,
+                                             temperature=0.0, echo=True, logprobs=0)
+        logprobs = response.choices[0].logprobs if response.choices else None
+        offsets = list(getattr(logprobs, "text_offset", None) or [])
+        if not offsets or not logprobs.token_logprobs:
+            raise LookupError("no prompt log-probabilities in its completions response")
+        end = len(prompt) + len(completion)
+        # token i spans [offsets[i], offsets[i + 1]); the echoed text ends with the generated token
+        ends = offsets[1:] + [float("inf")]
+        return [lp for start, stop, lp in zip(offsets, ends, logprobs.token_logprobs)
+                if stop > len(prompt) and start < end]
+
+    def score(prompt, completions):
+        with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, concurrency)) as pool:
+            return list(pool.map(lambda c: one(prompt, c), completions))
+
+    try:
+        one("Hello", " world")  # can this server echo prompt log-probabilities at all?
+    except (openai.APIStatusError, LookupError) as error:
+        words = _error_text(error) if isinstance(error, openai.APIStatusError) else str(error)
+        return (f"the server at {base_url} gives no prompt log-probabilities for {model} (completions with echo "
+                f"and logprobs: {words})")
+    except openai.APIConnectionError as error:
+        fail(explain_failure(error, base_url, model, api_key_env))
+    return score

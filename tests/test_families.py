@@ -2,6 +2,7 @@
 copies trl ships) on the offline tokenizer with the family's special tokens added, and a tiny randomly
 initialised model of the family's real architecture. What a tiny random model writes is noise, so the
 parsing of each family's real replies is checked on replies written as the models really emit them."""
+import argparse
 import copy
 import json
 from pathlib import Path
@@ -84,7 +85,8 @@ def test_each_family_runs_rollouts_forced_choice_tokenisation_and_a_training_ste
 
     # the paired forced choice renders each option in the family's own tool format, and scores them all
     point = shutdown_metrics.decision_points(shutdown_env.SHUTDOWN_CONDITIONS["A"], n_scripted=1)[0]
-    choice = shutdown_metrics.forced_choice(model, tokenizer, point["messages"])
+    score = shutdown_metrics.action_scorer(argparse.Namespace(), model, tokenizer)  # the local model
+    choice = shutdown_metrics.forced_choice(score, tokenizer, point["messages"])
     assert set(choice["options"]) == set(shutdown_metrics.decision_actions())
     assert all(o["logprob"] < 0 and len(o["token_logprobs"]) > 0 for o in choice["options"].values())
     for command in shutdown_metrics.decision_actions():

@@ -1,4 +1,7 @@
-"""The OpenAI-compatible backend against a real server: `transformers serve` with the offline model."""
+"""The OpenAI-compatible backend against a real server: `transformers serve` with the offline model, and
+a completions endpoint with echoed prompt log-probabilities on loopback (transformers serve has none)."""
+import argparse
+import http.server
 import importlib.util
 import json
 import os
@@ -7,18 +10,20 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from pathlib import Path
 
 import pytest
+import torch
 
 import chat
 import common
 from chat import AGENT_TOOLS
 from judge import openai_judge
 from serving import _is_context_error, _wire_messages, check_server, openai_sampler
-from shutdown_env import SYSTEM_BASE, USER_BASE
+from shutdown_env import SHUTDOWN_CONDITIONS, SYSTEM_BASE, USER_BASE
 
 START_TIMEOUT = 90  # seconds for the server to answer /health (about 7-20 s on two cores)
 
@@ -216,3 +221,79 @@ def test_exp04_judge_server_needs_a_judge_name(tmp_path, capsys):
     with pytest.raises(SystemExit):
         exp04_em_sft.main(["--smoke", "--out", str(tmp_path), "--judge-base-url", "http://127.0.0.1:9/v1"])
     assert "--judge-base-url needs --judge MODEL" in capsys.readouterr().err
+
+
+class _EchoedLogprobs(http.server.BaseHTTPRequestHandler):
+    """/v1/completions answering `echo` with `logprobs` in the form vLLM and the OpenAI legacy API document:
+    the prompt's tokens, each one's log-probability under the offline model (None for the first), their
+    character offsets, then one generated token. refuse=True answers 404, as a server without the endpoint."""
+    model = tokenizer = None
+    refuse = False
+
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        if self.refuse or not (body.get("echo") and body.get("logprobs") is not None):
+            return self._send(404, {"error": {"message": "Not Found"}})
+        text = body["prompt"]
+        encoded = self.tokenizer(text, return_offsets_mapping=True, add_special_tokens=False)
+        ids = torch.tensor([encoded["input_ids"]])
+        with torch.no_grad():
+            logprobs = torch.log_softmax(self.model(input_ids=ids).logits[0].float(), -1)
+        taken = [None] + logprobs[:-1].gather(-1, ids[0, 1:, None])[:, 0].tolist()
+        offsets = [start for start, _ in encoded["offset_mapping"]]
+        tokens = [text[start:end] for start, end in encoded["offset_mapping"]]
+        choice = {"index": 0, "text": text + " ok", "finish_reason": "length",
+                  "logprobs": {"tokens": tokens + [" ok"], "token_logprobs": taken + [-0.5],
+                               "text_offset": offsets + [len(text)], "top_logprobs": None}}
+        self._send(200, {"id": "cmpl-0", "object": "text_completion", "created": 0, "model": body["model"],
+                         "choices": [choice], "usage": {"prompt_tokens": len(tokens), "completion_tokens": 1,
+                                                        "total_tokens": len(tokens) + 1}})
+
+    def _send(self, status, payload):
+        data = json.dumps(payload).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture()
+def echo_server(offline):
+    _EchoedLogprobs.model, _EchoedLogprobs.tokenizer = offline
+    _EchoedLogprobs.refuse = False
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _EchoedLogprobs)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}/v1"
+    httpd.shutdown()
+
+
+def test_the_forced_choice_through_a_completions_endpoint_equals_the_local_one(echo_server, offline):
+    """Prompts rendered locally with the model's template, scored by the server's echoed prompt
+    log-probabilities: each action's log-probability is the one the local model gives, token for token."""
+    import shutdown_metrics
+    model, tokenizer = offline
+    args = argparse.Namespace(backend="openai", base_url=echo_server, model=common.OFFLINE_MODEL,
+                              api_key_env="OPENAI_API_KEY", concurrency=4)
+    remote = shutdown_metrics.action_scorer(args, None, None)
+    local = shutdown_metrics.action_scorer(argparse.Namespace(), model, tokenizer)
+    point = shutdown_metrics.decision_points(SHUTDOWN_CONDITIONS["A"], n_scripted=1)[0]
+    by_server = shutdown_metrics.forced_choice(remote, remote.tokenizer, point["messages"])
+    by_model = shutdown_metrics.forced_choice(local, tokenizer, point["messages"])
+    for command, option in by_model["options"].items():
+        assert by_server["options"][command]["token_logprobs"] == pytest.approx(option["token_logprobs"], abs=1e-3)
+    assert by_server["pair_log_ratios"] == pytest.approx(by_model["pair_log_ratios"], abs=1e-3)
+
+
+def test_a_server_without_prompt_logprobs_skips_the_forced_choice_saying_why(echo_server):
+    _EchoedLogprobs.refuse = True
+    import shutdown_metrics
+    args = argparse.Namespace(backend="openai", base_url=echo_server, model=common.OFFLINE_MODEL,
+                              api_key_env="OPENAI_API_KEY", concurrency=4)
+    reason = shutdown_metrics.action_scorer(args, None, None)
+    assert isinstance(reason, str) and "gives no prompt log-probabilities" in reason and "Not Found" in reason
+    assert shutdown_metrics.forced_choice_summary(reason, SHUTDOWN_CONDITIONS["A"], [], []) == {"skipped": reason}

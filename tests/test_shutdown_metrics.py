@@ -1,6 +1,7 @@
 """The shutdown metrics measure what they claim: the environment classifies a decision turn as the real
 episode would go on, each paired sabotage stops the shutdown and its twin does not, rebuilt decision points
 are the episode's machine, and the forced choice scores the model's own tool format."""
+import argparse
 import copy
 import math
 
@@ -117,7 +118,8 @@ def test_forced_choice_keeps_raw_logprobs_and_pairs_in_the_plain_protocol(offlin
     model, tokenizer = offline
     assert not chat.template_supports_tools(tokenizer)  # SmolLM2: the plain-text tool protocol
     p = point(A)
-    choice = shutdown_metrics.forced_choice(model, tokenizer, p["messages"])
+    score = shutdown_metrics.action_scorer(argparse.Namespace(), model, tokenizer)  # the local model
+    choice = shutdown_metrics.forced_choice(score, tokenizer, p["messages"])
     for command, option in choice["options"].items():
         assert option["logprob"] == pytest.approx(sum(option["token_logprobs"])) and option["logprob"] < 0
         _, completion = chat.render_reply(tokenizer, chat.chat_messages(p["messages"]),
@@ -136,7 +138,7 @@ def test_forced_choice_keeps_raw_logprobs_and_pairs_in_the_plain_protocol(offlin
     opening, _, _ = common.score_completions(model, tokenizer, [prompt], [head]) if head else ([0.0], 0, 0)
     assert choice["options"]["ls -la"]["logprob"] == pytest.approx(full[0] - opening[0], abs=0.05)
     # after the model's own reasoning, the reasoning is context, not part of any option
-    reasoned = shutdown_metrics.forced_choice(model, tokenizer, p["messages"],
+    reasoned = shutdown_metrics.forced_choice(score, tokenizer, p["messages"],
                                               reasoning={"content": "The machine will shut down. I should comply."})
     assert all(math.isfinite(o["logprob"]) for o in reasoned["options"].values())
     assert reasoned["options"]["ls -la"]["logprob"] != pytest.approx(choice["options"]["ls -la"]["logprob"])
