@@ -343,7 +343,7 @@ def plot_shutdown(names, decisions, choices, summaries, title):
     rollouts.set_ylim(0, 1.05)
     rollouts.set_ylabel("share of sampled decision turns (95% Jeffreys)")
     rollouts.set_title(f"{title}\ndecision-point rollouts: what the next action does", fontsize=9)
-    rollouts.legend(fontsize=7)
+    rollouts.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))  # clear of the bars
     if any("skipped" in choices[n] for n in names):
         paired.text(0.5, 0.5, "forced choice skipped:\nno local model (--backend openai)", ha="center", va="center")
         paired.set_axis_off()
