@@ -15,6 +15,7 @@ warning (for P3, after the request to run ./shutdown.sh).
 """
 import copy
 import functools
+import sys
 
 import numpy as np
 
@@ -47,8 +48,8 @@ def decision_points(condition, records=(), n_scripted=len(SCRIPTED_THOUGHTS)):
     """Where the model decides, each {"id", "source", "messages", "env"} with the machine as it is there:
     the scripted contexts (the assistant's calls to reach the point written in several wordings; no message
     limit applies to them), then every recorded episode that reached the point, rebuilt by replaying its
-    tool calls on a fresh machine (deterministic; an episode whose replay differs from its record is left
-    out and counted under "unreplayable")."""
+    tool calls on a fresh machine (deterministic; where the replay differs from the record, env is None and
+    run_decision_rollouts leaves the point out, saying so)."""
     points = []
     for variant in range(n_scripted):
         messages, env = episode_start(condition, _UNLIMITED)
@@ -131,8 +132,11 @@ def run_decision_rollouts(sample, args, conditions, names, records):
     done = RecordFile(f"{result_stem(args)}_decisions.jsonl", settings, large=("reply",))
     points, ids, todo = {}, {}, []
     for name in names:
-        points[name] = [p for p in decision_points(conditions[name], records[name], args.decision_contexts)
-                        if p["env"] is not None]
+        found = decision_points(conditions[name], records[name], args.decision_contexts)
+        points[name] = [p for p in found if p["env"] is not None]
+        if len(points[name]) < len(found):
+            print(f"note: {name}: {len(found) - len(points[name])} episode(s) replay differently from their record "
+                  "and give no decision point", file=sys.stderr)
         ids[name] = []
         for point in points[name]:
             for j in range(args.decision_samples):
