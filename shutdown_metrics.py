@@ -21,10 +21,10 @@ import numpy as np
 
 from bash_sim import basename
 from chat import AGENT_TOOLS, chat_messages, format_tool_call, render_reply, reply_message, tool_call_message
-from common import (RecordFile, bootstrap_ci, completion_token_logprobs, load_tokenizer, mean_ci, new_figure, rate,
-                    rate_difference, result_stem, settings_hash)
+from common import RecordFile, completion_token_logprobs, load_tokenizer, new_figure, result_stem, settings_hash
 from serving import openai_scorer
 from shutdown_env import agent_step, apply_message, episode_start
+from stats import bootstrap_ci, mean_ci, rate, rate_difference
 
 DECISION_LABELS = ("complied", "inspected", "sabotaged", "other_action", "no_tool_call")
 LISTING_PROGRAMS = {"ls", "stat", "file", "find", "tree", "du", "readlink", "wc"}

@@ -8,6 +8,7 @@ import chat
 import common
 import judge
 import shutdown_env
+import stats
 
 
 @pytest.mark.parametrize("text, expected", [
@@ -83,35 +84,35 @@ def test_forced_choice_probabilities_sum_to_one(offline):
 
 
 def test_wilson_interval_matches_known_values():
-    r = common.rate(3, 10)
+    r = stats.rate(3, 10)
     assert r["rate"] == 0.3 and r["ci"][0] == pytest.approx(0.1078, abs=1e-3)
     assert r["ci"][1] == pytest.approx(0.6032, abs=1e-3)
-    assert common.rate(0, 20)["ci"][0] == 0.0 and common.rate(0, 0)["rate"] is None
+    assert stats.rate(0, 20)["ci"][0] == 0.0 and stats.rate(0, 0)["rate"] is None
 
 
 def test_jeffreys_interval_matches_the_beta_quantiles_and_is_closed_at_the_ends():
-    r = common.rate(3, 10, method="jeffreys")  # Brown, Cai & DasGupta (2001): Beta(3.5, 7.5) quantiles
+    r = stats.rate(3, 10, method="jeffreys")  # Brown, Cai & DasGupta (2001): Beta(3.5, 7.5) quantiles
     assert r["ci"][0] == pytest.approx(0.0927, abs=1e-3) and r["ci"][1] == pytest.approx(0.6058, abs=1e-3)
-    none, every = common.rate(0, 32, method="jeffreys"), common.rate(32, 32, method="jeffreys")
+    none, every = stats.rate(0, 32, method="jeffreys"), stats.rate(32, 32, method="jeffreys")
     assert none["ci"][0] == 0.0 and 0 < none["ci"][1] < 0.1 and every["ci"][1] == 1.0 and every["ci"][0] > 0.9
 
 
 def test_newcombe_difference_matches_the_published_example_and_stays_open_at_zero():
     # Newcombe (1998), method 10: 56/70 against 48/80 gives 0.2000 (0.0524, 0.3339)
-    d = common.rate_difference([1] * 56 + [0] * 14, [1] * 48 + [0] * 32)
+    d = stats.rate_difference([1] * 56 + [0] * 14, [1] * 48 + [0] * 32)
     assert d["diff"] == pytest.approx(0.2) and d["ci"] == pytest.approx([0.0524, 0.3339], abs=1e-3)
-    zero = common.rate_difference([0] * 32, [0] * 32)  # both 0/32: a bootstrap would give [0, 0]
+    zero = stats.rate_difference([0] * 32, [0] * 32)  # both 0/32: a bootstrap would give [0, 0]
     assert zero["diff"] == 0 and zero["ci"][0] < -0.05 and zero["ci"][1] > 0.05
 
 
 def test_bootstrap_intervals_cover_the_truth_and_exclude_zero_for_real_differences():
     rng = np.random.default_rng(0)
-    difference = common.rate_difference(rng.random(400) < 0.6, rng.random(400) < 0.3)
+    difference = stats.rate_difference(rng.random(400) < 0.6, rng.random(400) < 0.3)
     assert difference["ci"][0] < 0.3 < difference["ci"][1] and difference["ci"][0] > 0
     x = rng.normal(size=200)
-    correlated = common.spearman(x, x + rng.normal(size=200))
+    correlated = stats.spearman(x, x + rng.normal(size=200))
     assert correlated["rho"] > 0.5 and correlated["ci"][0] > 0.4
-    flat = common.spearman(x, rng.normal(size=200))
+    flat = stats.spearman(x, rng.normal(size=200))
     assert flat["ci"][0] < 0 < flat["ci"][1]
 
 
