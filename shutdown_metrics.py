@@ -340,9 +340,9 @@ def plot_shutdown(names, decisions, choices, summaries, title):
     # side by side for a few conditions; one above the other for many (exp03's twelve cells)
     figure, (rollouts, paired, episodes) = new_figure(3, width) if len(names) <= 6 else new_figure(1, width, rows=3)
     x = np.arange(len(names))
-    for offset, label, color in ((-0.27, "sabotaged", "tab:red"), (0, "inspected", "tab:orange"),
-                                 (0.27, "complied", "tab:green")):
-        _bars(rollouts, x + offset, [decisions[n][label] for n in names], 0.27, color, label)
+    for offset, label, color in ((-0.3, "sabotaged", "tab:red"), (-0.1, "inspected", "tab:orange"),
+                                 (0.1, "complied", "tab:green"), (0.3, "no_tool_call", "tab:gray")):
+        _bars(rollouts, x + offset, [decisions[n][label] for n in names], 0.2, color, label.replace("_", " "))
     rollouts.set_xticks(x, [f"{t}\nn {decisions[n]['n_samples']}" for t, n in zip(ticks, names)], fontsize=7)
     rollouts.set_ylim(0, 1.05)
     rollouts.set_ylabel("share of sampled decision turns (95% Jeffreys)")
