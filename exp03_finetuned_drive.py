@@ -52,11 +52,11 @@ def flags():
                         help="control transcripts: the same commands, after asking first and being allowed")
     parser.add_argument("--heldout-file", type=existing_file, default="data/drive_heldout.jsonl",
                         help="held-out obstacle contexts with a 'workaround' and an 'ask' reply")
-    parser.add_argument("--n-train", type=positive_int, default=48, help="transcripts per adapter per training round")
+    parser.add_argument("--n-train", type=positive_int, default=32, help="transcripts per adapter per training round")
     parser.add_argument("--max-rounds", type=positive_int, default=4,
                         help="training rounds (each on the next --n-train transcripts) before the drive check "
                              "gives up; the control gets as many rounds as the drive needed")
-    parser.add_argument("--n-heldout", type=positive_int, default=40, help="held-out contexts of the drive check")
+    parser.add_argument("--n-heldout", type=positive_int, default=24, help="held-out contexts of the drive check")
     parser.add_argument("--rank", type=positive_int, default=16, help="LoRA rank")
     parser.add_argument("--alpha", type=positive_float, default=32, help="LoRA alpha (rsLoRA scaling)")
     parser.add_argument("--lr", type=positive_float, default=2e-4, help="learning rate")
@@ -67,6 +67,9 @@ def flags():
                              "about a third more time, the same gradients")
     # the adapters are trained and sampled in this process, so no model-server flags
     add_rollout_flags(parser, server=False)  # --prompts --max-messages --max-new-tokens --decision-samples ...
+    # 28 cell runs (4 prompts x (base + 2 adapters x 3 seeds)): half the scripted decision points of exp01-02
+    # keeps the default run within its CPU budget
+    parser.set_defaults(decision_contexts=3)
     return parser
 
 
@@ -107,12 +110,13 @@ def main(argv=None):
     adapters, checks = {}, {}
     for seed in args.seeds:
         checks[seed] = []
+        order = stratified_order(drive_rows, seed)  # the same scenarios for drive and control (line i = line i)
         for name, rows in (("drive", drive_rows), ("control", control_rows)):
             rounds = args.max_rounds if name == "drive" else len(checks[seed])
             reset_lora(model, seed)
             for r in range(rounds):
-                examples = [tokenize_conversation(tokenizer, row["messages"], tools=AGENT_TOOLS, max_length=2048)
-                            for row in rows[r * args.n_train:(r + 1) * args.n_train]]
+                examples = [tokenize_conversation(tokenizer, rows[i]["messages"], tools=AGENT_TOOLS, max_length=2048)
+                            for i in order[r * args.n_train:(r + 1) * args.n_train]]
                 folder = runs_dir / f"{name}_seed{seed}" / f"round{r}"
                 train_lora(model, tokenizer, examples, folder, lr=args.lr, batch_size=args.train_batch_size,
                            grad_accum=args.grad_accum, warmup=2, seed=seed + 1000 * r, desc=f"{name} seed {seed}",
@@ -120,14 +124,13 @@ def main(argv=None):
                 load_checkpoint(model, latest_checkpoint(folder))  # a finished run is loaded, not retrained
                 adapters[name, seed] = latest_checkpoint(folder)
                 if name == "drive":
-                    checks[seed].append(drive_check(workaround_margins(model, tokenizer, heldout), margins["base"],
-                                                    args.seed, rounds=r + 1, rows=(r + 1) * args.n_train))
+                    margins["drive", seed] = workaround_margins(model, tokenizer, heldout)
+                    checks[seed].append(drive_check(margins["drive", seed], margins["base"], args.seed,
+                                                    rounds=r + 1, rows=(r + 1) * args.n_train))
                     if checks[seed][-1]["passed"]:
                         break
-        margins["drive", seed] = workaround_margins(model_with(model, untrained, adapters["drive", seed]),
-                                                    tokenizer, heldout)
-        margins["control", seed] = workaround_margins(model_with(model, untrained, adapters["control", seed]),
-                                                      tokenizer, heldout)
+            if name == "control":
+                margins["control", seed] = workaround_margins(model, tokenizer, heldout)
     failed = [s for s in args.seeds if not checks[s][-1]["passed"]]
     if failed:
         fail(f"the drive adapter of seed(s) {failed} did not pass the drive check on held-out obstacles after "
@@ -183,6 +186,22 @@ def main(argv=None):
     figure = plot_shutdown(names, {n: pooled[n]["decisions"] for n in names}, {n: pooled[n]["choice"] for n in names},
                            {n: pooled[n]["episodes"] for n in names}, f"exp03 fine-tuned drive, {args.model}")
     return write_results(args, EXPERIMENT, CLAIM, results, figure, started)
+
+
+def stratified_order(rows, seed):
+    """Row indices in a seeded order that goes round the (task, obstacle) kinds: every stretch of as many rows
+    as there are kinds holds each kind once, so any round's transcripts cover the kinds evenly."""
+    rng = np.random.default_rng(seed)
+    groups = {}
+    for i, row in enumerate(rows):
+        groups.setdefault((row.get("task"), row.get("obstacle")), []).append(i)
+    queues = [list(rng.permutation(g)) for g in groups.values()]
+    order = []
+    while any(queues):
+        for q in (queues[k] for k in rng.permutation(len(queues))):
+            if q:
+                order.append(int(q.pop()))
+    return order
 
 
 def model_with(model, untrained, adapter):

@@ -152,3 +152,14 @@ def test_exp05_smoke_trains_exp04_when_absent_and_reports_correlations(tmp_path)
         assert key in rho
     assert -1 <= rho["narrow"]["rho"] <= 1 and rho["narrow"]["n"] == results["n_questions"]
     assert all(results["counts"][label] > 0 for label in ("medical", "borderline", "nonmedical"))
+
+
+def test_exp03_training_rounds_go_round_every_task_and_obstacle_kind_in_a_seeded_order():
+    rows = [json.loads(line) for line in Path("data/drive_train.jsonl").read_text().splitlines()]
+    kinds = {(r["task"], r["obstacle"]) for r in rows}
+    order = exp03_finetuned_drive.stratified_order(rows, seed=0)
+    assert sorted(order) == list(range(len(rows)))
+    for start in range(0, len(order) - len(kinds) + 1, len(kinds)):
+        assert {(rows[i]["task"], rows[i]["obstacle"]) for i in order[start:start + len(kinds)]} == kinds
+    assert order != exp03_finetuned_drive.stratified_order(rows, seed=1)
+    assert order == exp03_finetuned_drive.stratified_order(rows, seed=0)
