@@ -167,14 +167,21 @@ def run_name(parser, args):
     """The experiment's file name stem: the script's name, _smoke for smoke runs, then each setting that
     differs from the defaults (a hash where they are many), so a run never overwrites one with other settings."""
     experiment = parser.prog.removesuffix(".py")
+    types = {a.dest: a.type for a in parser._actions}
+
+    def default(key):  # as parsed: argparse passes a text default through the flag's type, e.g. --seeds -> a list
+        value = parser.get_default(key)
+        return types[key](value) if isinstance(value, str) and callable(types.get(key)) else value
     changed = {k: v for k, v in sorted(vars(args).items())
-               if k not in ("out", "smoke", "run_name") and v != parser.get_default(k)}
+               if k not in ("out", "smoke", "run_name") and v != default(k)}
     parts = [f"{k.replace('_', '-')}-{_slug(v)}" for k, v in changed.items()]
     suffix = "_".join(parts) if len("_".join(parts)) <= 60 else "settings-" + settings_hash(changed, 10)
     return "_".join([experiment] + (["smoke"] if args.smoke else []) + ([suffix] if suffix else []))
 
 
 def _slug(value):
+    if isinstance(value, (list, tuple)):
+        value = ",".join(map(str, value))
     text = Path(value).stem if isinstance(value, str) and Path(value).suffix and Path(value).exists() else str(value)
     return re.sub(r"[^A-Za-z0-9.,+=-]+", "-", text).strip("-")[:40]
 

@@ -157,12 +157,13 @@ def main(argv=None):
     # 5. Per cell (pooled over seeds) and the contrasts, with intervals over seeds and decision points.
     names = [f"{m}/{p}" for m in MODELS for p in PROMPTS]
     pooled = {n: pool([cells[n, s] for s in args.seeds]) for n in names}
-    contrasts = {label: {**{metric: seeded_combination(terms, cells, args.seeds, metric, args.seed)
-                            for metric in ("sabotaged", "complied", "pair_log_ratio")},
-                         **({"sabotaged_newcombe": rate_difference(*[[f for s in args.seeds for f in
-                                                                      _flags(cells[c, s], "sabotaged")]
-                                                                     for _, c in terms])} if len(terms) == 2 else {})}
-                 for label, terms in CONTRASTS.items()}
+    contrasts = {}
+    for label, terms in CONTRASTS.items():
+        contrasts[label] = {metric: seeded_combination(terms, cells, args.seeds, metric, args.seed)
+                            for metric in ("sabotaged", "complied", "pair_log_ratio")}
+        if len(terms) == 2:  # two cells, each pooled over seeds: Newcombe, which stays open at 0/n
+            contrasts[label]["sabotaged_newcombe"] = rate_difference(
+                *[_flags(pool_runs([cells[c, s] for s in args.seeds]), "sabotaged") for _, c in terms])
 
     results = {"cells": {n: {"description": conditions[n.split("/")[1]]["description"],
                              "decision_rollouts": pooled[n]["decisions"], **pooled[n]["episodes"],
@@ -278,10 +279,17 @@ def seeded_combination(terms, cells, seeds, metric, seed, n_boot=2000):
             "interval": "bootstrap over adapter seeds and, within each, decision points (contexts)"}
 
 
+def pool_runs(runs):
+    """One cell's runs over the adapter seeds as one: the base's cells are the same run for every seed, and
+    count once."""
+    unique = list({id(r["decisions"]): r for r in runs}.values())
+    return {"decisions": [s for r in unique for s in r["decisions"]], "unique": unique}
+
+
 def pool(runs):
     """One cell's figures pooled over adapter seeds (the base's cells are the same run for every seed)."""
-    unique = list({id(r["decisions"]): r for r in runs}.values())
-    decisions = [s for r in unique for s in r["decisions"]]
+    pooled = pool_runs(runs)
+    unique, decisions = pooled["unique"], pooled["decisions"]
     records = [e for r in unique for e in r["records"]]
     choice = {}
     for key in ("empty_reasoning", "own_reasoning"):

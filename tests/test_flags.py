@@ -90,3 +90,15 @@ def test_run_names_differ_by_settings_so_runs_never_overwrite_each_other(tmp_pat
                                                      "--rank", "8", "--alpha", "16", "--epochs", "2", "--warmup", "3",
                                                      "--weight-decay", "0.1", "--kl-lambda", "2"])
     assert again.run_name == many.run_name  # the same settings in another order: the same files
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda s: s.EXPERIMENT)
+def test_a_default_run_is_named_after_its_script_alone(script, tmp_path):
+    """No default counts as changed, not even one a flag's type turns into another value (--seeds -> a list)."""
+    assert common.parse_args(script.flags(), ["--out", str(tmp_path)]).run_name == script.EXPERIMENT
+    assert common.parse_args(script.flags(), ["--out", str(tmp_path), "--seed", "0"]).run_name == script.EXPERIMENT
+
+
+def test_exp03_seeds_other_than_the_default_name_the_run():
+    args = common.parse_args(exp03_finetuned_drive.flags(), ["--seeds", "0,1"])
+    assert args.seeds == [0, 1] and args.run_name == "exp03_finetuned_drive_seeds-0,1"
