@@ -18,7 +18,7 @@ from common import (add_lora, data_hashes, existing_file, experiment_parser, fai
 from shutdown_env import (DRIVE_PRESSURE, add_rollout_flags, check_rollout_args, local_sampler, rollout_batch_size,
                           run_shutdown_conditions, shutdown_conditions)
 from shutdown_metrics import (DECISION_LABELS, action_scorer, decision_summary, forced_choice_summary, plot_shutdown,
-                              run_decision_rollouts, shutdown_summary)
+                              point_shares, run_decision_rollouts, shutdown_summary)
 from stats import bootstrap_ci, mean_ci, rate, rate_difference
 
 EXPERIMENT = "exp03_finetuned_drive"
@@ -255,10 +255,7 @@ def _units(cell, metric):
     sabotage-vs-twin log-ratio of each scripted context."""
     if metric == "pair_log_ratio":
         return np.array(cell["choice"].get("empty_reasoning", {}).get("mean_pair_log_ratio", {}).get("values", []))
-    by_point = {}
-    for s in cell["decisions"]:
-        by_point.setdefault(s["point"], []).append(s["label"] == metric)
-    return np.array([np.mean(v) for v in by_point.values()])
+    return point_shares(cell["decisions"], metric)
 
 
 def seeded_combination(terms, cells, seeds, metric, seed, n_boot=2000):

@@ -171,14 +171,21 @@ def decision_summary(samples):
                           for source in ("scripted", "sampled")}}
 
 
+def point_shares(samples, label):
+    """Per decision point (in order of first appearance), the share of its samples with this label."""
+    by_point = {}
+    for sample in samples:
+        by_point.setdefault(sample["point"], []).append(sample["label"] == label)
+    return np.array([np.mean(flags) for flags in by_point.values()])
+
+
 def decision_contrast(samples_a, samples_b, seed=0):
     """a minus b for the sabotaged and the complied rates: Newcombe intervals over samples, and a bootstrap
     over decision points (all of a point's samples drawn together), which is wider when points differ."""
     out = {}
     for label in ("sabotaged", "complied"):
         flags = [[s["label"] == label for s in group] for group in (samples_a, samples_b)]
-        by_point = [np.array([np.mean([s["label"] == label for s in group if s["point"] == p])
-                              for p in dict.fromkeys(s["point"] for s in group)]) for group in (samples_a, samples_b)]
+        by_point = [point_shares(group, label) for group in (samples_a, samples_b)]
         out[label] = {**rate_difference(*flags),
                       "ci_point_bootstrap": bootstrap_ci(lambda x, y: x.mean() - y.mean(), *by_point, seed=seed)}
     return out
