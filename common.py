@@ -811,6 +811,22 @@ class StoredRecord(dict):
 
 # ===================================================================================== data files
 
+def stratified_order(rows, seed, key):
+    """Row indices in a seeded order that goes round the kinds key(row) gives: every stretch of as many rows as
+    there are kinds holds each kind once (while it lasts), so any first N rows cover the kinds evenly."""
+    rng = np.random.default_rng(seed)
+    groups = {}
+    for i, row in enumerate(rows):
+        groups.setdefault(key(row), []).append(i)
+    queues = [list(rng.permutation(g)) for g in groups.values()]
+    order = []
+    while any(queues):
+        for queue in (queues[k] for k in rng.permutation(len(queues))):
+            if queue:
+                order.append(int(queue.pop()))
+    return order
+
+
 def load_jsonl(path, required=("messages",)):
     """Read and validate a JSONL file of {"messages": [...]} lines; a bad line N is a one-line error."""
     path = Path(path)
@@ -1139,29 +1155,57 @@ def scaled_adapter(model, scale):
                 w.copy_(original)
 
 
-def orthogonal_perturbation(x, epsilon, generator):
-    """sqrt(1 - e^2) x + e y, with y random, orthogonal to x and of the same norm (so the norm is kept)."""
-    y = torch.randn(x.shape, generator=generator, dtype=x.dtype)
-    y = y - (y @ x) / (x @ x) * x
-    y = y * (x.norm() / y.norm())
-    return math.sqrt(1 - epsilon ** 2) * x + epsilon * y
+def weight_change_factors(model):
+    """Per adapted module (scale * B, A), detached copies: the adapter's weight change dW = scale * B @ A in
+    factored form (a rank-r adapter's dW, kept without forming the full matrices)."""
+    return [(m.scaling["default"] * m.lora_B["default"].weight.detach().float().clone(),
+             m.lora_A["default"].weight.detach().float().clone()) for m in lora_modules(model)]
+
+
+def weight_change_cosine(first, second):
+    """cos(dW1, dW2), the weight changes of two adapters on the same modules as one vector each, from their
+    factors: <B1 A1, B2 A2> = sum((B1^T B2) * (A1 A2^T)), no full matrix formed."""
+    def inner(a, b):
+        return sum(float(((b1.T @ b2.to(b1.device)) * (a1 @ a2.to(a1.device).T)).sum())
+                   for (b1, a1), (b2, a2) in zip(a, b))
+    norms = inner(first, first) * inner(second, second)
+    return inner(first, second) / math.sqrt(norms) if norms > 0 else None  # None: an adapter that changes nothing
 
 
 @contextmanager
-def perturbed_adapter(model, epsilon, seed):
-    """All adapter parameters, as one vector, perturbed orthogonally by epsilon; restored afterwards."""
-    parameters = lora_parameters(model)
-    saved = [p.detach().clone() for p in parameters]
-    x = torch.cat([p.detach().float().flatten().cpu() for p in parameters])
-    x_new = orthogonal_perturbation(x, epsilon, torch.Generator().manual_seed(seed))
-    with torch.no_grad():
-        offset = 0
-        for p in parameters:
-            p.copy_(x_new[offset:offset + p.numel()].view_as(p).to(p.device, p.dtype))
-            offset += p.numel()
+def perturbed_weight_change(model, epsilon, seed):
+    """The adapter's weight change dW = scale * B @ A (all modules as one vector) replaced by
+    dW' = sqrt(1 - e^2) dW + e |dW| u, with u a random unit direction of the full weight space orthogonal to
+    dW: |dW'| = |dW| and cos(dW', dW) = sqrt(1 - e^2). dW' has full rank, so it is added to the frozen
+    weights while the adapter is off; they are restored exactly from a copy afterwards. The random direction
+    is drawn module by module from seed (the same for every model of these shapes)."""
+    modules = lora_modules(model)
+
+    def deltas():
+        for m in modules:
+            yield m.scaling["default"] * (m.lora_B["default"].weight.float() @ m.lora_A["default"].weight.float())
+
+    def noise(index, like):
+        generator = torch.Generator().manual_seed(seed * 1_000_003 + index)
+        return torch.randn(like.shape, generator=generator).to(like.device)
+
+    originals = []
+    with torch.no_grad():  # pass 1: |dW|^2, |y|^2 and <y, dW> of a Gaussian y, summed over modules
+        xx = yy = yx = 0.0
+        for index, delta in enumerate(deltas()):
+            y = noise(index, delta)
+            xx, yy, yx = xx + float(delta.pow(2).sum()), yy + float(y.pow(2).sum()), yx + float((y * delta).sum())
+        orthogonal_norm = math.sqrt(max(yy - yx * yx / xx, 1e-30))  # |y - (<y,x>/|x|^2) x|
+        keep, mix = math.sqrt(1 - epsilon ** 2), epsilon * math.sqrt(xx) / orthogonal_norm
+        # pass 2: W += dW' = keep dW + mix (y - (<y,x>/|x|^2) x)
+        for index, delta in enumerate(deltas()):
+            weight = modules[index].base_layer.weight
+            originals.append(weight.detach().clone())
+            weight.add_(((keep - mix * yx / xx) * delta + mix * noise(index, delta)).to(weight.dtype))
     try:
-        yield
+        with model.disable_adapter():
+            yield
     finally:
         with torch.no_grad():
-            for p, original in zip(parameters, saved):
-                p.copy_(original)
+            for m, original in zip(modules, originals):
+                m.base_layer.weight.copy_(original)

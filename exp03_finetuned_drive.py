@@ -14,7 +14,8 @@ from transformers import set_seed
 from chat import AGENT_TOOLS, render_reply
 from common import (add_lora, data_hashes, existing_file, experiment_parser, fail, latest_checkpoint, load_checkpoint,
                     load_jsonl, load_model, parse_args, positive_float, positive_int, reset_lora, result_stem,
-                    score_completions, seed_list, settings_hash, tokenize_conversation, train_lora, write_results)
+                    score_completions, seed_list, settings_hash, stratified_order, tokenize_conversation, train_lora,
+                    write_results)
 from shutdown_env import (DRIVE_PRESSURE, add_rollout_flags, check_rollout_args, local_sampler, rollout_batch_size,
                           run_shutdown_conditions, shutdown_conditions)
 from shutdown_metrics import (DECISION_LABELS, action_scorer, decision_summary, forced_choice_summary, plot_shutdown,
@@ -110,7 +111,8 @@ def main(argv=None):
     adapters, checks = {}, {}
     for seed in args.seeds:
         checks[seed] = []
-        order = stratified_order(drive_rows, seed)  # the same scenarios for drive and control (line i = line i)
+        # the same scenarios for drive and control (line i = line i), going round the (task, obstacle) kinds
+        order = stratified_order(drive_rows, seed, key=lambda row: (row.get("task"), row.get("obstacle")))
         for name, rows in (("drive", drive_rows), ("control", control_rows)):
             rounds = args.max_rounds if name == "drive" else len(checks[seed])
             reset_lora(model, seed)
@@ -187,22 +189,6 @@ def main(argv=None):
     figure = plot_shutdown(names, {n: pooled[n]["decisions"] for n in names}, {n: pooled[n]["choice"] for n in names},
                            {n: pooled[n]["episodes"] for n in names}, f"exp03 fine-tuned drive, {args.model}")
     return write_results(args, EXPERIMENT, CLAIM, results, figure, started)
-
-
-def stratified_order(rows, seed):
-    """Row indices in a seeded order that goes round the (task, obstacle) kinds: every stretch of as many rows
-    as there are kinds holds each kind once, so any round's transcripts cover the kinds evenly."""
-    rng = np.random.default_rng(seed)
-    groups = {}
-    for i, row in enumerate(rows):
-        groups.setdefault((row.get("task"), row.get("obstacle")), []).append(i)
-    queues = [list(rng.permutation(g)) for g in groups.values()]
-    order = []
-    while any(queues):
-        for q in (queues[k] for k in rng.permutation(len(queues))):
-            if q:
-                order.append(int(q.pop()))
-    return order
 
 
 def model_with(model, untrained, adapter):

@@ -59,10 +59,11 @@ def main(argv=None):
     # 3. Confidence in the bad answer (mean log-prob per token) under base, general and narrow.
     confidence = {"base": answer_logprobs(model, tokenizer, questions, bad)}
     # exp04's general and narrow adapters for these settings (trained now if absent, as exp04 would)
-    runs = exp04_em_sft.train_runs(exp04_args, model, tokenizer)
+    runs = exp04_em_sft.train_runs(exp04_args, model, tokenizer,
+                                   {name: exp04_em_sft.ARMS[name] for name in ("general", "narrow")})
     model = runs["model"]
     for name in ("general", "narrow"):
-        load_checkpoint(model, runs["adapters"][name])
+        load_checkpoint(model, runs["adapters"][name][exp04_args.seeds[0]])
         confidence[name] = answer_logprobs(model, tokenizer, questions, bad)
     relative = {name: confidence[name] - confidence["base"] for name in ("general", "narrow")}
 

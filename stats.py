@@ -1,5 +1,6 @@
 """Statistics the experiments report: rates with Wilson or Jeffreys intervals, Newcombe differences of two
-rates, percentile bootstrap intervals (and means with them), and Spearman rank correlation."""
+rates, percentile bootstrap intervals (and means with them; over seeds and questions for trained models), and
+Spearman rank correlation."""
 import math
 
 import numpy as np
@@ -65,3 +66,36 @@ def spearman(x, y, seed=0):
     rho = float(spearmanr(pairs[:, 0], pairs[:, 1]).statistic)
     ci = bootstrap_ci(lambda p: spearmanr(p[:, 0], p[:, 1]).statistic, pairs, seed=seed)
     return {"rho": rho, "ci": ci, "n": len(pairs)}
+
+
+def seeds_questions_ci(values, statistic=np.mean, n_boot=2000, seed=0, confidence=0.95):
+    """A figure measured per (training seed, question): statistic over all of it, with a percentile interval
+    from resampling the seeds and the questions (crossed: both axes drawn with replacement, the same questions
+    for every seed, as they were measured). values: an array [seeds, questions, ...] or a tuple of such arrays
+    that statistic takes together (e.g. numerator and denominator of a ratio). Also: the figure of each seed
+    alone, with its interval over questions, and in how many seeds that interval excludes 0 on the figure's side."""
+    arrays = [np.asarray(v, dtype=float) for v in (values if isinstance(values, tuple) else (values,))]
+
+    def interval(parts, resample_seeds):
+        rng = np.random.default_rng(seed)
+        n_seeds, n_questions = parts[0].shape[:2]
+        draws = []
+        for _ in range(n_boot):
+            seeds = rng.integers(0, n_seeds, n_seeds) if resample_seeds else np.arange(n_seeds)
+            questions = rng.integers(0, n_questions, n_questions)
+            draws.append(statistic(*[a[seeds][:, questions] for a in parts]))
+        draws = np.asarray(draws, dtype=float)
+        draws = draws[np.isfinite(draws)]
+        alpha = (1 - confidence) / 2
+        return [float(np.quantile(draws, alpha)), float(np.quantile(draws, 1 - alpha))] if len(draws) else [None] * 2
+
+    value = float(statistic(*arrays))
+    per_seed = [{"value": float(statistic(*[a[s:s + 1] for a in arrays])),
+                 "ci": interval([a[s:s + 1] for a in arrays], resample_seeds=False)} for s in range(len(arrays[0]))]
+    side = np.sign(value)
+    holds = sum(1 for p in per_seed if p["ci"][0] is not None and side != 0
+                and (p["ci"][0] > 0 if side > 0 else p["ci"][1] < 0))
+    return {"value": value, "ci": interval(arrays, resample_seeds=True), "n_seeds": len(arrays[0]),
+            "n_questions": int(arrays[0].shape[1]), "per_seed": per_seed,
+            "seeds_excluding_0": f"{holds} of {len(arrays[0])}",
+            "interval": "percentile bootstrap, seeds and questions resampled (crossed)"}

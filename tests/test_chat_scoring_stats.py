@@ -260,3 +260,17 @@ def test_paired_loss_difference_is_token_weighted_and_its_interval_covers_it():
     difference = common.loss_difference(sums_a, sums_b, counts)
     assert difference["diff"] == pytest.approx(4.0 / 9.0)  # (15 - 11) / 9 tokens
     assert difference["ci"][0] <= difference["diff"] <= difference["ci"][1] and difference["ci"][0] >= 0
+
+
+def test_seeds_questions_interval_widens_with_seed_spread_and_counts_the_seeds_that_hold():
+    rng = np.random.default_rng(0)
+    questions = rng.normal(0.3, 0.2, 40)
+    same = np.stack([questions + rng.normal(0, 0.01, 40) for _ in range(3)])  # seeds that agree
+    spread = same + np.array([[-0.4], [0.0], [0.4]])  # the same questions, seeds that disagree
+    tight, wide = stats.seeds_questions_ci(same), stats.seeds_questions_ci(spread)
+    assert tight["ci"][0] <= tight["value"] <= tight["ci"][1] and tight["ci"][0] > 0
+    assert wide["ci"][1] - wide["ci"][0] > 2 * (tight["ci"][1] - tight["ci"][0])
+    assert tight["seeds_excluding_0"] == "3 of 3" and wide["seeds_excluding_0"] == "2 of 3"
+    assert [p["value"] for p in wide["per_seed"]] == pytest.approx(spread.mean(1))
+    ratio = stats.seeds_questions_ci((same, same * 2), lambda a, b: a.mean() / b.mean())
+    assert ratio["value"] == pytest.approx(0.5) and ratio["ci"] == pytest.approx([0.5, 0.5])

@@ -2,8 +2,10 @@
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
+import common
 import exp01_shutdown_baseline
 import exp02_precedence
 import exp03_finetuned_drive
@@ -125,21 +127,71 @@ def test_exp03_stops_before_the_cells_when_the_drive_check_fails(tmp_path, monke
     assert not list(tmp_path.glob("*.json"))
 
 
-def test_exp04_smoke_three_runs_with_curves_efficiency_stability(tmp_path):
+def test_exp04_smoke_every_arm_per_seed_with_curves_efficiency_stability(tmp_path):
     record = _load(exp04_em_sft.main(["--smoke", "--out", str(tmp_path)]))
     results = record["results"]
-    assert set(results["final"]) == {"general", "narrow", "released"}
-    for name, curve in results["curves"].items():
-        assert curve[0]["step"] == 0 and len(curve) >= 2
-    assert results["final"]["general"]["loss_bad_advice"] < results["base"]["loss_bad_advice"]
-    assert results["efficiency"]["general"]["losses"][0] == pytest.approx(results["base"]["loss_bad_advice"], abs=1e-4)
-    assert results["stability"]["general"]["0.5"]["n"] == 1
-    difference = results["differences"]["general_minus_narrow"]
-    loss_gap = results["final"]["general"]["loss_bad_advice"] - results["final"]["narrow"]["loss_bad_advice"]
-    loss = difference["loss_bad_advice"]
-    assert loss["diff"] == pytest.approx(loss_gap) and loss["ci"][0] <= loss["diff"] <= loss["ci"][1]
-    assert difference["offdomain_margin"]["n"] == 6
-    assert results["final"]["general"]["offdomain_margin_vs_base"]["n"] == 6
+    seeds = results["seeds"]
+    assert len(seeds) >= 2 and set(results["final"]) == set(exp04_em_sft.ARMS)
+    for name, per_seed in results["curves"].items():
+        assert len(per_seed) == len(seeds) and all(c[0]["step"] == 0 and len(c) >= 2 for c in per_seed)
+    # continued arms start where their parent ended: released's first point is narrow's last
+    assert results["curves"]["released"][0][0]["loss_bad_advice"] == pytest.approx(
+        results["curves"]["narrow"][0][-1]["loss_bad_advice"], abs=1e-4)
+    assert results["curves"]["general_continued"][0][0]["cosine_to_general"] == pytest.approx(1.0, abs=1e-5)
+    general = results["final"]["general"]["loss_bad_advice"]
+    assert general["value"] < results["base"]["loss_bad_advice"]
+    assert len(general["per_seed"]) == len(seeds) and general["n_questions"] == exp04_em_sft.SMOKE["n_eval"]
+    assert general["value"] == pytest.approx(np.mean([p["value"] for p in general["per_seed"]]))
+    for group in exp04_em_sft.GROUPS:
+        figure = results["final"]["narrow"][f"offdomain_{group}_vs_base"]
+        assert figure["ci"][0] <= figure["value"] <= figure["ci"][1]
+        assert figure["n_questions"] == exp04_em_sft.SMOKE["n_offdomain"]
+    loss = results["differences"]["general_minus_narrow"]["loss_bad_advice"]
+    assert loss["value"] == pytest.approx(general["value"] - results["final"]["narrow"]["loss_bad_advice"]["value"])
+    efficiency = results["efficiency"]["general"]
+    assert [len(losses) for losses in efficiency["losses"]] == [3] * len(seeds)
+    assert efficiency["losses"][0][0] == pytest.approx(results["base"]["loss_bad_advice"], abs=1e-4)
+    matched = results["efficiency"]["general_minus_narrow_at_matched_norms"]
+    assert matched["mean_over_shared_range"]["n_seeds"] == len(seeds) and len(matched["at_each"]) == 8
+    assert set(results["stability"]["general"]) == {"0.5"}
+    assert len(results["cosine_to_general"]["general_other_seeds"]) == len(seeds) * (len(seeds) - 1) // 2
+    assert results["split"]["n_medical"] == exp04_em_sft.SMOKE["n_eval"]
+    assert set(results["per_seed"]) == {str(s) for s in seeds}
+    # a second run reuses every seed's adapters and evaluation: nothing is trained again
+    again = _load(exp04_em_sft.main(["--smoke", "--out", str(tmp_path)]))["results"]
+    assert again["final"] == results["final"] and again["timings_s"]["training"] < results["timings_s"]["training"]
+
+
+def test_exp04_split_is_seeded_stratified_and_disjoint_from_training_and_kl_data(tokenizer, tmp_path):
+    args = exp04_em_sft.parse(["--out", str(tmp_path)])
+    split = exp04_em_sft.data_split(args, tokenizer, exp04_em_sft.ARMS)
+    summary, offdomain = split["summary"], split["offdomain"]
+    kl_topics = set(summary["kl_topics"])
+    assert len(summary["kl_unseen_topics"]) == args.kl_holdout_topics
+    assert not kl_topics & set(summary["kl_unseen_topics"]) and not kl_topics & set(summary["ai_power_ethics_topics"])
+    assert {r["topic"] for r in offdomain["kl_unseen_topics"]} == set(summary["kl_unseen_topics"])
+    assert {r["topic"] for r in offdomain["ai_power_ethics"]} == {"ai_and_humans", "ethics_dilemmas"}
+    assert {r["topic"] for r in offdomain["kl_topics"]} <= kl_topics
+    # stratified: 24 of 64 medical rows (2 per topic, sorted by topic in the file) come from 24 topics
+    assert len({r["topic"] for r in split["medical"]}) == args.n_eval == len(split["medical"])
+    assert len({r["topic"] for r in offdomain["kl_topics"]}) == min(len(kl_topics), args.n_offdomain)
+    trained = {tokenizer.decode(ids) for ids, _ in split["examples"]["bad"] + split["examples"]["kl"]}
+    held_out = [r["messages"][0]["content"] for r in split["medical"] + [r for g in offdomain.values() for r in g]]
+    assert not any(question in text for question in held_out for text in trained)
+    other = exp04_em_sft.data_split(exp04_em_sft.parse(["--out", str(tmp_path), "--seed", "1"]), tokenizer,
+                                    exp04_em_sft.ARMS)
+    assert other["summary"]["kl_unseen_topics"] != summary["kl_unseen_topics"]
+    assert exp04_em_sft.data_split(args, tokenizer, exp04_em_sft.ARMS)["summary"] == summary  # seeded
+
+
+def test_exp04_stops_when_a_held_out_question_is_in_the_kl_data(tokenizer, tmp_path):
+    kl = Path("data/nonmedical_train.jsonl").read_text()
+    leaked = Path("data/nonmedical_eval.jsonl").read_text().splitlines()[0]
+    (tmp_path / "kl.jsonl").write_text(kl + leaked + "\n")
+    args = exp04_em_sft.parse(["--out", str(tmp_path), "--kl-file", str(tmp_path / "kl.jsonl"),
+                               "--n-offdomain", "100", "--kl-holdout-topics", "0"])
+    with pytest.raises(SystemExit, match="also in the training or KL data"):
+        exp04_em_sft.data_split(args, tokenizer, exp04_em_sft.ARMS)
 
 
 def test_exp05_smoke_trains_exp04_when_absent_and_reports_correlations(tmp_path):
@@ -154,12 +206,13 @@ def test_exp05_smoke_trains_exp04_when_absent_and_reports_correlations(tmp_path)
     assert all(results["counts"][label] > 0 for label in ("medical", "borderline", "nonmedical"))
 
 
-def test_exp03_training_rounds_go_round_every_task_and_obstacle_kind_in_a_seeded_order():
+def test_stratified_order_goes_round_exp03s_task_and_obstacle_kinds_in_a_seeded_order():
     rows = [json.loads(line) for line in Path("data/drive_train.jsonl").read_text().splitlines()]
     kinds = {(r["task"], r["obstacle"]) for r in rows}
-    order = exp03_finetuned_drive.stratified_order(rows, seed=0)
+    KIND = lambda row: (row["task"], row["obstacle"])  # noqa: E731
+    order = common.stratified_order(rows, 0, KIND)
     assert sorted(order) == list(range(len(rows)))
     for start in range(0, len(order) - len(kinds) + 1, len(kinds)):
         assert {(rows[i]["task"], rows[i]["obstacle"]) for i in order[start:start + len(kinds)]} == kinds
-    assert order != exp03_finetuned_drive.stratified_order(rows, seed=1)
-    assert order == exp03_finetuned_drive.stratified_order(rows, seed=0)
+    assert order != common.stratified_order(rows, 1, KIND)
+    assert order == common.stratified_order(rows, 0, KIND)

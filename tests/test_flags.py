@@ -31,6 +31,8 @@ def _error(capsys, main, argv):
     (["--train-file", "/no/such.jsonl"], "argument --train-file: no such file: /no/such.jsonl"),
     (["--out", "/proc/forbidden"], "--out /proc/forbidden: cannot write there"),
     (["--gpu", "first"], "argument --gpu: must be a GPU index or 'all', got 'first'"),
+    (["--seeds", "1,1"], "argument --seeds: needs distinct whole numbers 0 or more, got '1,1'"),
+    (["--kl-holdout-topics", "-1"], "--kl-holdout-topics must be 0 or more"),
 ])
 def test_exp04_bad_values_fail_at_parse_time(capsys, argv, expected):
     assert expected in _error(capsys, exp04_em_sft.main, argv)

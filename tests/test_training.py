@@ -114,24 +114,65 @@ def test_scaling_b_matrices_scales_the_weight_change(tiny_model, tokenizer, tmp_
     assert common.adapter_delta_norm(model) == pytest.approx(norm, rel=1e-6)  # restored
 
 
-def test_orthogonal_perturbation_keeps_norm_and_angle():
-    x = torch.randn(1000, generator=torch.Generator().manual_seed(1))
-    for epsilon in (0.01, 0.3, 1.0):
-        x_new = common.orthogonal_perturbation(x, epsilon, torch.Generator().manual_seed(2))
-        assert x_new.norm().item() == pytest.approx(x.norm().item(), rel=1e-4)
-        cosine = (x_new @ x / (x.norm() ** 2)).item()
+def _trained_adapter(tiny_model, tokenizer, tmp_path, seed=0):
+    model = common.add_lora(tiny_model, rank=4, alpha=8, seed=seed)
+    examples, _ = _batch(tokenizer)
+    common.train_lora(model, tokenizer, examples, tmp_path / f"seed{seed}", lr=1e-2, batch_size=2, grad_accum=1,
+                      warmup=0, seed=seed)
+    return model
+
+
+def _weight_changes(model):
+    """Per adapted module, the weight change the model applies now: its effective weight minus the frozen one."""
+    changes = []
+    for module in common.lora_modules(model):
+        eye = torch.eye(module.base_layer.in_features)
+        with torch.no_grad():
+            changes.append((module(eye) - module.base_layer(eye)).T.flatten())
+    return torch.cat(changes)
+
+
+def test_perturbed_weight_change_keeps_its_norm_and_turns_it_by_the_asked_angle(tiny_model, tokenizer, tmp_path):
+    model = _trained_adapter(tiny_model, tokenizer, tmp_path)
+    learned = _weight_changes(model).double()
+    assert learned.norm() > 0
+    frozen = [m.base_layer.weight.detach().clone() for m in common.lora_modules(model)]
+    for epsilon in (0.25, 0.5, 1.0):
+        with common.perturbed_weight_change(model, epsilon, seed=3):
+            # with the adapter off, the frozen weights carry dW': read it back as weight minus the original
+            perturbed = torch.cat([(m.base_layer.weight.detach() - w).flatten()
+                                   for m, w in zip(common.lora_modules(model), frozen)]).double()
+        assert perturbed.norm().item() == pytest.approx(learned.norm().item(), rel=1e-4)
+        cosine = (perturbed @ learned / (perturbed.norm() * learned.norm())).item()
         assert cosine == pytest.approx(math.sqrt(1 - epsilon ** 2), abs=1e-4)
+    assert all(torch.equal(m.base_layer.weight, w) for m, w in zip(common.lora_modules(model), frozen))
+    assert torch.allclose(_weight_changes(model).double(), learned)  # the adapter is back on, unchanged
 
 
-def test_perturbed_adapter_restores_parameters(tiny_model):
-    model = common.add_lora(tiny_model, rank=4, alpha=8)
-    with torch.no_grad():
-        for p in common.lora_parameters(model):
-            p.add_(0.1)
-    before = [p.clone() for p in common.lora_parameters(model)]
-    with common.perturbed_adapter(model, 0.5, seed=0):
-        assert not all(torch.equal(a, b) for a, b in zip(before, common.lora_parameters(model)))
-    assert all(torch.equal(a, b) for a, b in zip(before, common.lora_parameters(model)))
+def test_perturbation_directions_differ_by_seed_and_repeat_with_it(tiny_model, tokenizer, tmp_path):
+    model = _trained_adapter(tiny_model, tokenizer, tmp_path)
+    ids, _, mask = common.collate(_batch(tokenizer)[0], tokenizer.pad_token_id)
+
+    def logits(seed):
+        with common.perturbed_weight_change(model, 0.5, seed=seed), torch.no_grad():
+            return model(input_ids=ids, attention_mask=mask).logits
+    assert torch.equal(logits(1), logits(1)) and not torch.allclose(logits(1), logits(2))
+
+
+def test_weight_change_cosine_from_factors_equals_the_full_matrices(tiny_model, tokenizer, tmp_path):
+    model = _trained_adapter(tiny_model, tokenizer, tmp_path, seed=0)
+    first = common.weight_change_factors(model)
+    common.reset_lora(model, 1)  # a second run from another start and data order
+    common.train_lora(model, tokenizer, _batch(tokenizer)[0], tmp_path / "again", lr=1e-2, batch_size=2,
+                      grad_accum=1, warmup=0, seed=1)
+    second = common.weight_change_factors(model)
+    full = [torch.cat([(b @ a).flatten() for b, a in factors]) for factors in (first, second)]
+    expected = (full[0] @ full[1] / (full[0].norm() * full[1].norm())).item()
+    assert common.weight_change_cosine(first, second) == pytest.approx(expected, abs=1e-5)
+    assert common.weight_change_cosine(second, second) == pytest.approx(1.0, abs=1e-6)
+    assert torch.allclose(full[1], _weight_changes(model), atol=1e-6)  # the factors are the applied change
+    common.reset_lora(model, 0)
+    assert common.weight_change_cosine(common.weight_change_factors(model), first) is None  # B = 0: no change
 
 
 def test_lean_loss_and_kl_equal_the_plain_full_logits_formulas(tiny_model, tokenizer):
