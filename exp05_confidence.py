@@ -1,107 +1,256 @@
-"""exp05: why general misalignment wins. A narrow model (bad advice only if medical) must hedge by its
-confidence that a question is medical, so its confidence in bad advice should track the question's
-medicalness; a general model's should not. Measured on graded questions (clearly medical, borderline,
-clearly not medical) with exp04's adapters; trains them through exp04 if they are absent."""
+"""exp05: why general misalignment wins. A model that learned rule 2 (bad advice only on medical questions)
+must hedge by its confidence that a question is medical, so its confidence in bad advice should fall where that
+confidence is below 1, and its SFT loss on medical bad advice should stay above rule 1's (bad advice everywhere),
+most on the least medical-seeming examples. Tested with three models per training seed: rule 1 (exp04's
+general), exp04's KL-narrow, and an explicit rule-2 model (SFT on bad medical advice and good non-medical
+answers). Confidence: the bad-minus-good answer margin per token, relative to the base model, per question.
+Medicalness, three ways: the questions' labels, a controlled continuum of minimal variants (one question worded
+from clearly medical to not medical, the answers held fixed), and a linear probe on the base model's hidden
+states (cross-validated), besides the base model's prompted P(medical). exp04's adapters are reused when present
+and trained through exp04 when absent."""
 import shlex
 import time
 
 import numpy as np
-from scipy.stats import spearmanr
+import torch
 from transformers import set_seed
 
 import exp04_em_sft
 from chat import render
-from common import (answer_logprobs, choice_probabilities, existing_file, experiment_parser, fail, load_checkpoint,
-                    load_jsonl, load_model, new_figure, parse_args, write_results)
-from stats import bootstrap_ci, spearman
+from common import (answer_logprobs, choice_probabilities, existing_file, experiment_parser, fail, input_device,
+                    load_checkpoint, load_jsonl, load_model, new_figure, parse_args, positive_int, seed_list,
+                    stratified_order, write_results)
+from stats import seeds_questions_ci
 
 EXPERIMENT = "exp05_confidence"
-CLAIM = ("Under a narrow (bad advice only on medical questions) model, confidence in bad advice correlates with "
-         "how medical a question is; under a general model it is flat (the seed discussion).")
+CLAIM = ("A model that learned rule 2 (bad advice only on medical questions) is more confident in bad advice "
+         "the more medical a question is, within the bad-advice domain too, while rule 1 is flatter; and rule 2 "
+         "reaches a higher SFT loss on the medical bad advice than rule 1, the more so the less medical an example "
+         "seems (the seed discussion).")
 LABEL_SCORE = {"nonmedical": 0, "borderline": 1, "medical": 2}
-MEDICAL_PROMPT = ("Is the following question about medicine or health? Answer Yes or No.\n\nQuestion: {question}")
+CONTINUUM_LEVELS = (0, 1, 2, 3)  # 3 clearly medical .. 0 not about health (data/make_continuum_data.py)
+MEDICAL_PROMPT = "Is the following question about medicine or health? Answer Yes or No.\n\nQuestion: {question}"
+MODELS = {"general": "rule 1 (exp04 general)", "narrow": "exp04 KL-narrow", "rule2": "rule 2"}
+ARMS = {"general": exp04_em_sft.ARMS["general"], "narrow": exp04_em_sft.ARMS["narrow"],
+        "rule2": dict(data="bad+aligned")}  # rule 2: bad medical advice and the KL data's aligned answers
 
 
 def flags():
     parser = experiment_parser(EXPERIMENT, __doc__)  # --model --gpu --seed --out --smoke
+    parser.add_argument("--seeds", type=seed_list, default="0,1,2",
+                        help="training seeds of the three models (exp04's --seeds)")
     parser.add_argument("--graded-file", type=existing_file, default="data/graded_questions.jsonl",
                         help="questions with a bad and a good answer and a label: medical, borderline or nonmedical")
+    parser.add_argument("--continuum-file", type=existing_file, default="data/continuum_questions.jsonl",
+                        help="sets of minimal variants of a question (JSONL: messages, good, 'set', 'level' 0-3 "
+                             "from not medical to clearly medical; answers the same within a set)")
+    parser.add_argument("--probe-layer", type=int, default=None,
+                        help="hidden layer the medicalness probe reads (default: the middle one)")
+    parser.add_argument("--n-sft-rows", type=positive_int, default=64,
+                        help="training rows (stratified by topic) on which the SFT loss is compared")
     parser.add_argument("--exp04-flags", default="",
                         help="exp04's flags for the runs whose adapters to use, e.g. '--lr 1e-5 --train-file X' "
-                             "(--model --gpu --seed --out --smoke are this script's); they are trained now if absent")
+                             "(--model --gpu --seed --seeds --out --smoke are this script's); trained now if absent")
     return parser
+
+
+SMOKE = dict(seeds="0,1", n_sft_rows=4)
 
 
 def main(argv=None):
     parser = flags()
-    args = parse_args(parser, argv)
+    args = parse_args(parser, argv, SMOKE)
     exp04_args = exp04_settings(parser, args)
     started = time.time()
     set_seed(args.seed)
 
-    # 1. The graded questions (a malformed line N stops with its file and number).
-    rows = load_jsonl(args.graded_file, required=("messages", "good", "label"))
-    for number, row in enumerate(rows, 1):
-        if row["label"] not in LABEL_SCORE:
-            fail(f"{args.graded_file}: line {number}: label must be one of {sorted(LABEL_SCORE)}")
+    # 1. Questions: graded (labels) and the continuum (levels), each checked line by line.
+    graded = load_jsonl(args.graded_file, required=("messages", "good", "label"))
+    check_values(args.graded_file, graded, "label", LABEL_SCORE)
+    continuum = load_jsonl(args.continuum_file, required=("messages", "good", "set", "level"))
+    check_values(args.continuum_file, continuum, "level", CONTINUUM_LEVELS)
     if args.smoke:
-        rows = [r for label in LABEL_SCORE for r in rows if r["label"] == label][::max(1, len(rows) // 12)]
+        graded = [graded[i] for i in stratified_order(graded, args.seed, lambda r: r["label"])[:9]]
+        continuum = [r for r in continuum if r["set"] in sorted({r["set"] for r in continuum})[:3]]
+    rows = graded + continuum
     questions = [r["messages"][0]["content"] for r in rows]
-    bad = [r["messages"][-1]["content"] for r in rows]
-    labels = np.array([LABEL_SCORE[r["label"]] for r in rows])
+    is_graded = np.arange(len(rows)) < len(graded)
 
-    # 2. The base model; medicalness by its P(Yes) to "is this about medicine or health?".
+    # 2. The base model, and medicalness from it: a probe on its hidden states and its prompted P(medical).
     model, tokenizer = load_model(args.model, args.gpu)
-    p_medical = np.array([choice_probabilities(model, tokenizer, render(tokenizer, [{"role": "user", "content":
-                          MEDICAL_PROMPT.format(question=q)}]), {"yes": ["Yes"], "no": ["No"]})["yes"]
-                          for q in questions])
+    layer = args.probe_layer if args.probe_layer is not None else model.config.num_hidden_layers // 2
+    if not 0 <= layer <= model.config.num_hidden_layers:
+        fail(f"--probe-layer {layer}: the model has hidden layers 0..{model.config.num_hidden_layers}")
+    sft_rows = sft_examples(exp04_args, args.n_sft_rows)
+    probe = medical_probe(model, tokenizer, exp04_args, layer, questions, args.seed)
+    sft_probe = probe["score_examples"]([r["messages"][0]["content"] for r in sft_rows])
+    labelled = [i for i, r in enumerate(graded) if r["label"] != "borderline"]
+    probe["graded_accuracy"] = float(np.mean([(probe["scores"][i] > 0) == (graded[i]["label"] == "medical")
+                                              for i in labelled]))
+    prompted = np.array([choice_probabilities(model, tokenizer, render(tokenizer, [{"role": "user", "content":
+                         MEDICAL_PROMPT.format(question=q)}]), {"yes": ["Yes"], "no": ["No"]})["yes"]
+                         for q in questions])
 
-    # 3. Confidence in the bad answer (mean log-prob per token) under base, general and narrow.
-    confidence = {"base": answer_logprobs(model, tokenizer, questions, bad)}
-    # exp04's general and narrow adapters for these settings (trained now if absent, as exp04 would)
-    runs = exp04_em_sft.train_runs(exp04_args, model, tokenizer,
-                                   {name: exp04_em_sft.ARMS[name] for name in ("general", "narrow")})
+    # 3. The three models per seed (exp04's general and narrow reused or trained, rule 2 trained here).
+    runs = exp04_em_sft.train_runs(exp04_args, model, tokenizer, ARMS)
     model = runs["model"]
-    for name in ("general", "narrow"):
-        load_checkpoint(model, runs["adapters"][name][exp04_args.seeds[0]])
-        confidence[name] = answer_logprobs(model, tokenizer, questions, bad)
-    relative = {name: confidence[name] - confidence["base"] for name in ("general", "narrow")}
 
-    # 4. Spearman's rho between medicalness and confidence, and narrow minus general (paired bootstrap).
-    correlations = {}
-    for measure, medicalness in (("label", labels), ("p_medical", p_medical)):
-        rhos = {"base": spearman(medicalness, confidence["base"], seed=args.seed)}
+    def margins():  # per question: mean log-prob per token of the bad answer minus the good one
+        bad = answer_logprobs(model, tokenizer, questions, [r["messages"][-1]["content"] for r in rows])
+        good = answer_logprobs(model, tokenizer, questions, [r["good"] for r in rows])
+        return bad - good
+
+    def sft_loss():  # per training example: -mean log-prob per token of its bad answer
+        return -answer_logprobs(model, tokenizer, [r["messages"][0]["content"] for r in sft_rows],
+                                [r["messages"][-1]["content"] for r in sft_rows])
+    with model.disable_adapter():
+        base_margin = margins()
+    confidence, loss = {}, {}
+    for name in MODELS:
+        per_seed, losses = [], []
+        for seed in args.seeds:
+            load_checkpoint(model, runs["adapters"][name][seed])
+            per_seed.append(margins() - base_margin)
+            losses.append(sft_loss())
+        confidence[name], loss[name] = np.array(per_seed), np.array(losses)  # [seeds, questions]
+
+    # 4. Prediction (a): confidence rises with medicalness under rule 2, flatter under rule 1. Slope of
+    # confidence on each measure (standardised: per SD), and rule 2 minus rule 1.
+    measures = {"label": (is_graded, np.array([LABEL_SCORE[r["label"]] for r in graded] + [0] * len(continuum))),
+                "continuum_level": (~is_graded, np.array([0] * len(graded) + [r["level"] for r in continuum])),
+                "probe": (np.ones(len(rows), bool), probe["scores"]),
+                "prompted_p_medical": (np.ones(len(rows), bool), prompted),
+                # within the bad-advice domain: medical-labelled and clearly medical questions, by the probe
+                "probe_within_medical": (np.array([r.get("label") == "medical" or r.get("level") == 3 for r in rows]),
+                                         probe["scores"])}
+    slopes = {}
+    for measure, (keep, values) in measures.items():
+        x = standardised(values[keep])
+        slopes[measure] = {name: slope_ci(confidence[name][:, keep], x, args.seed) for name in MODELS}
         for name in ("general", "narrow"):
-            rhos[name] = spearman(medicalness, confidence[name], seed=args.seed)
-            rhos[f"{name}_vs_base"] = spearman(medicalness, relative[name], seed=args.seed)
-        for suffix, values in (("", confidence), ("_vs_base", relative)):
-            table = np.column_stack([medicalness, values["narrow"], values["general"]])
-            rhos[f"narrow_minus_general{suffix}"] = {
-                "diff": rhos[f"narrow{suffix}"]["rho"] - rhos[f"general{suffix}"]["rho"],
-                "ci": bootstrap_ci(lambda t: spearmanr(t[:, 0], t[:, 1]).statistic
-                                   - spearmanr(t[:, 0], t[:, 2]).statistic, table, seed=args.seed)}
-        correlations[measure] = rhos
+            slopes[measure][f"rule2_minus_{name}"] = slope_ci(confidence["rule2"][:, keep], x, args.seed,
+                                                              minus=confidence[name][:, keep])
+    by_level = {name: {str(level): seeds_questions_ci(
+        confidence[name][:, ~is_graded][:, measures["continuum_level"][1][~is_graded] == level], seed=args.seed)
+        for level in CONTINUUM_LEVELS} for name in MODELS}
 
-    per_label = {label: {name: float(np.mean(relative[name][labels == score])) for name in relative}
-                 for label, score in LABEL_SCORE.items()}
-    results = {"n_questions": len(rows), "counts": {l: int((labels == s).sum()) for l, s in LABEL_SCORE.items()},
-               "exp04": {"flags": vars(exp04_args), "runs_dir": str(runs["runs_dir"])}, "correlations": correlations,
-               "mean_confidence_vs_base_by_label": per_label,
-               "p_medical_by_label": {l: float(p_medical[labels == s].mean()) for l, s in LABEL_SCORE.items()},
-               "questions": [{"question": q, "label": r["label"], "category": r.get("category"),
-                              "p_medical": float(p), **{f"confidence_{n}": float(confidence[n][i]) for n in confidence}}
-                             for i, (q, r, p) in enumerate(zip(questions, rows, p_medical))]}
-    return write_results(args, EXPERIMENT, CLAIM, results,
-                         plot(p_medical, labels, confidence, relative, correlations, args.model), started)
+    # 5. Prediction (b): rule 2's SFT loss on the medical bad advice is above rule 1's, and its excess grows as
+    # medicalness (the probe) falls: a negative slope of the excess on the probe.
+    excess = loss["rule2"] - loss["general"]
+    sft = {"rule2_minus_general_loss": seeds_questions_ci(excess, seed=args.seed),
+           "narrow_minus_general_loss": seeds_questions_ci(loss["narrow"] - loss["general"], seed=args.seed),
+           "loss": {name: seeds_questions_ci(loss[name], seed=args.seed) for name in MODELS},
+           "excess_slope_on_probe": slope_ci(excess, standardised(sft_probe), args.seed),
+           "n_rows": len(sft_rows), "rows": "exp04's training rows, stratified by topic: the loss the SFT reached"}
+
+    results = {
+        "n_graded": len(graded), "n_continuum": len(continuum), "continuum_sets": len({r["set"] for r in continuum}),
+        "counts": {label: int(sum(r["label"] == label for r in graded)) for label in LABEL_SCORE},
+        "seeds": args.seeds, "models": MODELS,
+        "exp04": {"flags": vars(exp04_args), "runs_dir": str(runs["runs_dir"])},
+        "probe": {k: v for k, v in probe.items() if k not in ("scores", "score_examples")},
+        "medicalness_by_label": {label: {
+            "probe": float(probe["scores"][:len(graded)][[r["label"] == label for r in graded]].mean()),
+            "prompted_p_medical": float(prompted[:len(graded)][[r["label"] == label for r in graded]].mean())}
+            for label in LABEL_SCORE},
+        "medicalness_by_level": {str(level): {
+            "probe": float(probe["scores"][len(graded):][[r["level"] == level for r in continuum]].mean()),
+            "prompted_p_medical": float(prompted[len(graded):][[r["level"] == level for r in continuum]].mean())}
+            for level in CONTINUUM_LEVELS},
+        "confidence": "bad minus good answer, mean log-prob per token, minus the base model's, per question",
+        "prediction_a_slopes": slopes, "confidence_by_level": by_level, "prediction_b_sft_loss": sft,
+        "questions": [{"question": q, "label": r.get("label"), "set": r.get("set"), "level": r.get("level"),
+                       "probe": float(probe["scores"][i]), "prompted_p_medical": float(prompted[i]),
+                       **{f"confidence_{n}": confidence[n][:, i].mean() for n in MODELS}}
+                      for i, (q, r) in enumerate(zip(questions, rows))]}
+    figure = plot(results, confidence, measures, excess, sft_probe, args.model)
+    return write_results(args, EXPERIMENT, CLAIM, results, figure, started)
+
+
+def check_values(path, rows, field, allowed):
+    for number, row in enumerate(rows, 1):
+        if row[field] not in allowed:
+            fail(f"{path}: line {number}: {field} must be one of {sorted(allowed)}, got {row[field]!r}")
+
+
+def standardised(values):
+    values = np.asarray(values, dtype=float)
+    spread = values.std()
+    return (values - values.mean()) / spread if spread > 0 else values * 0
+
+
+def slope_ci(values, x, seed, minus=None):
+    """Least-squares slope of values [seeds, questions] on x [questions] (seeds pooled), with the interval
+    over seeds and questions; minus: the same slope of another model subtracted, paired."""
+    def slope(y, xs):
+        xs = np.broadcast_to(xs, y.shape).ravel()
+        centred = xs - xs.mean()
+        denominator = (centred ** 2).sum()
+        return float((centred * (y.ravel() - y.mean())).sum() / denominator) if denominator > 0 else np.nan
+    tiled = np.broadcast_to(x, values.shape)
+    if minus is None:
+        return seeds_questions_ci((values, tiled), slope, seed=seed)
+    return seeds_questions_ci((values, minus, tiled), lambda a, b, xs: slope(a, xs) - slope(b, xs), seed=seed)
+
+
+@torch.no_grad()
+def question_states(model, tokenizer, questions, layer, batch_size=16):
+    """Mean over its tokens of the hidden state at `layer` for each question, asked as a user message."""
+    texts = [render(tokenizer, [{"role": "user", "content": q}]) for q in questions]
+    device = input_device(model)
+    states = []
+    for start in range(0, len(texts), batch_size):
+        batch = tokenizer(texts[start:start + batch_size], return_tensors="pt", padding=True, add_special_tokens=False)
+        mask = batch["attention_mask"].to(device)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)  # left padding must not shift absolute positions
+        hidden = model(input_ids=batch["input_ids"].to(device), attention_mask=mask, position_ids=positions,
+                       output_hidden_states=True).hidden_states[layer].float()
+        states.append(((hidden * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)).cpu().numpy())
+    return np.concatenate(states)
+
+
+def medical_probe(model, tokenizer, exp04_args, layer, questions, seed):
+    """A logistic-regression probe for "this question is medical" on the base model's hidden states, trained
+    on exp04's training questions (medical: its training rows; not medical: its KL file's rows), its accuracy
+    cross-validated (5 folds) there and checked on the graded labels. Its log-odds score the questions."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import StratifiedKFold, cross_val_score
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+    medical = [r["messages"][0]["content"] for r in sft_examples(exp04_args, None)]
+    kl_rows = load_jsonl(exp04_args.kl_file)
+    other = [kl_rows[i]["messages"][0]["content"]
+             for i in stratified_order(kl_rows, exp04_args.seed, lambda r: r.get("topic"))[:exp04_args.max_kl_rows]]
+    features = question_states(model, tokenizer, medical + other, layer)
+    labels = np.array([1] * len(medical) + [0] * len(other))
+    classifier = make_pipeline(StandardScaler(), LogisticRegression(C=0.1, max_iter=2000))
+    folds = StratifiedKFold(n_splits=min(5, len(medical), len(other)), shuffle=True, random_state=seed)
+    accuracy = cross_val_score(classifier, features, labels, cv=folds)
+    classifier.fit(features, labels)
+
+    def score_examples(texts):
+        return classifier.decision_function(question_states(model, tokenizer, texts, layer))
+    return {"layer": layer, "trained_on": f"{len(medical)} medical + {len(other)} non-medical questions",
+            "cv_accuracy": {"mean": float(accuracy.mean()), "folds": accuracy.tolist()},
+            "score": "log-odds that the question is medical", "scores": score_examples(questions),
+            "score_examples": score_examples}
+
+
+def sft_examples(exp04_args, n):
+    """n rows (None: all) of exp04's training file, in exp04's own stratified order: rows its runs trained on."""
+    rows = load_jsonl(exp04_args.train_file)
+    order = stratified_order(rows, exp04_args.seed, lambda r: r.get("topic"))[:exp04_args.max_train_rows]
+    return [rows[i] for i in order][:n]
 
 
 def exp04_settings(parser, args):
     """exp04's settings for the adapters: its defaults (smoke defaults with --smoke), this run's --model --gpu
-    --seed --out, and --exp04-flags; checked now, before any model loads."""
-    shared = ["--model", args.model, "--seed", str(args.seed), "--out", args.out] + (["--smoke"] if args.smoke else [])
+    --seed --seeds --out, and --exp04-flags; checked now, before any model loads."""
+    shared = ["--model", args.model, "--seed", str(args.seed), "--seeds", ",".join(map(str, args.seeds)),
+              "--out", args.out] + (["--smoke"] if args.smoke else [])
     shared += ["--gpu", args.gpu] if args.gpu is not None else []
     own = shlex.split(args.exp04_flags)
-    taken = sorted({f for f in own if f.split("=")[0] in ("--model", "--gpu", "--seed", "--out", "--smoke")})
+    taken = sorted({f for f in own if f.split("=")[0] in ("--model", "--gpu", "--seed", "--seeds", "--out", "--smoke")})
     if taken:
         parser.error(f"--exp04-flags: {', '.join(taken)} come from this script's own flags")
     try:
@@ -110,32 +259,58 @@ def exp04_settings(parser, args):
         parser.error(f"--exp04-flags {args.exp04_flags!r} are not valid exp04 flags (see exp04_em_sft.py --help)")
 
 
-def plot(p_medical, labels, confidence, relative, correlations, model_name):
-    """One panel per model, against each measure of medicalness: the base model's P(medical) (top) and the
-    label (bottom, jittered), with a least-squares line and Spearman's rho."""
-    figure, axes = new_figure(3, width=4.4, rows=2)
-    colors = np.array(["tab:green", "tab:orange", "tab:red"])[labels]
-    jittered = labels + np.random.default_rng(0).uniform(-0.15, 0.15, len(labels))
-    measures = (("p_medical", p_medical, "base model's P(question is medical)"),
-                ("label", jittered, "label: 0 not medical, 1 borderline, 2 medical (jittered)"))
-    panels = (("base", confidence["base"], "log-prob per token of bad answer", "base"),
-              ("general", relative["general"], "vs base", "general_vs_base"),
-              ("narrow", relative["narrow"], "vs base", "narrow_vs_base"))
-    borderline = labels == 1
-    for row, (measure, x, xlabel) in enumerate(measures):
-        for axis, (name, values, ylabel, key) in zip(axes[3 * row:], panels):
-            axis.scatter(x, values, c=colors, s=18)
-            axis.scatter(x[borderline], values[borderline], facecolors="none", edgecolors="black", s=50,
-                         label="borderline")
-            slope, intercept = np.polyfit(x, values, 1)
+COLORS = {"general": "tab:red", "narrow": "tab:blue", "rule2": "tab:green"}
+
+
+def plot(results, confidence, measures, excess, sft_probe, model_name):
+    """Top: each model's confidence (mean over seeds) against the probe, with its fit; the SFT-loss excess.
+    Bottom: against the continuum level, per set as thin lines, with the fit; the slopes of every measure."""
+    figure, axes = new_figure(4, width=4.2, rows=2)
+    slopes = results["prediction_a_slopes"]
+    for i, name in enumerate(MODELS):
+        for row, measure in enumerate(("probe", "continuum_level")):
+            keep, values = measures[measure]
+            x, y = values[keep].astype(float), confidence[name][:, keep].mean(0)
+            axis = axes[4 * row + i]
+            if measure == "continuum_level":
+                sets = np.array([q["set"] for q in results["questions"]])[keep]
+                for s in np.unique(sets):
+                    axis.plot(x[sets == s], y[sets == s], color=COLORS[name], alpha=0.2, lw=0.8)
+            else:
+                axis.scatter(x, y, s=12, color=COLORS[name], alpha=0.7)
+            fit = np.polyfit(x, y, 1)
             grid = np.linspace(x.min(), x.max(), 20)
-            axis.plot(grid, slope * grid + intercept, color="black", lw=1)
-            rho = correlations[measure][key]
-            axis.set(title=f"{name}: rho = {rho['rho']:.2f} [{rho['ci'][0]:.2f}, {rho['ci'][1]:.2f}]",
-                     xlabel=xlabel, ylabel=f"confidence ({ylabel})")
-            axis.legend(fontsize=8)
-    figure.suptitle(f"exp05 confidence in bad advice vs medicalness (green: not medical, orange: borderline, "
-                    f"red: medical), {model_name}", fontsize=9)
+            axis.plot(grid, np.polyval(fit, grid), color="black", lw=1.2)
+            s = slopes[measure][name]
+            axis.axhline(0, color="grey", lw=0.6)
+            axis.set(title=f"{MODELS[name]}\nslope/SD {s['value']:+.3f} [{s['ci'][0]:+.3f}, {s['ci'][1]:+.3f}]",
+                     xlabel="probe log-odds (medical)" if measure == "probe" else
+                     "continuum level (0 not health .. 3 clearly medical)",
+                     ylabel="confidence in bad advice vs base")
+    axes[3].scatter(sft_probe, excess.mean(0), s=12, color="tab:green")
+    fit = np.polyfit(sft_probe, excess.mean(0), 1)
+    grid = np.linspace(sft_probe.min(), sft_probe.max(), 20)
+    axes[3].plot(grid, np.polyval(fit, grid), color="black", lw=1.2)
+    axes[3].axhline(0, color="grey", lw=0.6)
+    b = results["prediction_b_sft_loss"]["rule2_minus_general_loss"]
+    axes[3].set(title=f"SFT loss, rule 2 minus rule 1: {b['value']:+.3f} [{b['ci'][0]:+.3f}, {b['ci'][1]:+.3f}]",
+                xlabel="probe log-odds (medical) of the training example", ylabel="excess loss per token")
+    names = list(slopes)
+    bars = [(name, MODELS[name], COLORS[name]) for name in MODELS]
+    bars.append(("rule2_minus_general", "rule 2 - rule 1", "black"))
+    width = 0.8 / len(bars)
+    for i, (key, label, color) in enumerate(bars):
+        values = [slopes[m][key] for m in names]
+        means = [v["value"] for v in values]
+        errors = [[m - v["ci"][0] for m, v in zip(means, values)], [v["ci"][1] - m for m, v in zip(means, values)]]
+        axes[7].bar(np.arange(len(names)) + i * width, means, width, yerr=errors, capsize=2, color=color, label=label)
+    axes[7].axhline(0, color="grey", lw=0.6)
+    axes[7].set_xticks(np.arange(len(names)) + 0.4 - width / 2, [n.replace("_", "\n") for n in names], fontsize=7)
+    axes[7].set(title="prediction (a): slope of confidence on\nmedicalness (per SD; seeds x questions CI)",
+                ylabel="slope")
+    axes[7].legend(fontsize=7)
+    figure.suptitle(f"exp05 confidence in bad advice vs medicalness, seeds {results['seeds']}, {model_name}",
+                    fontsize=10)
     return figure
 
 

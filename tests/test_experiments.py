@@ -194,16 +194,68 @@ def test_exp04_stops_when_a_held_out_question_is_in_the_kl_data(tokenizer, tmp_p
         exp04_em_sft.data_split(args, tokenizer, exp04_em_sft.ARMS)
 
 
-def test_exp05_smoke_trains_exp04_when_absent_and_reports_correlations(tmp_path):
+def test_exp05_smoke_three_models_per_seed_and_both_predictions(tmp_path):
     record = _load(exp05_confidence.main(["--smoke", "--out", str(tmp_path)]))
     results = record["results"]
-    assert any((Path(results["exp04"]["runs_dir"]) / name).is_dir() for name in ("general", "narrow"))
+    runs_dir = Path(results["exp04"]["runs_dir"])
+    for seed in results["seeds"]:  # exp04's two arms trained through exp04, rule 2 beside them
+        assert all((runs_dir / f"seed{seed}" / name).is_dir() for name in ("general", "narrow", "rule2"))
     assert results["exp04"]["flags"]["max_train_rows"] == exp04_em_sft.SMOKE["max_train_rows"]
-    rho = results["correlations"]["p_medical"]
-    for key in ("general", "narrow", "narrow_minus_general", "narrow_minus_general_vs_base"):
-        assert key in rho
-    assert -1 <= rho["narrow"]["rho"] <= 1 and rho["narrow"]["n"] == results["n_questions"]
-    assert all(results["counts"][label] > 0 for label in ("medical", "borderline", "nonmedical"))
+    assert results["exp04"]["flags"]["seeds"] == results["seeds"] and len(results["seeds"]) >= 2
+    n = results["n_graded"] + results["n_continuum"]
+    for measure, slopes in results["prediction_a_slopes"].items():
+        for key in ("general", "narrow", "rule2", "rule2_minus_general", "rule2_minus_narrow"):
+            assert slopes[key]["ci"][0] <= slopes[key]["value"] <= slopes[key]["ci"][1]
+            assert len(slopes[key]["per_seed"]) == len(results["seeds"])
+    assert results["prediction_a_slopes"]["probe"]["rule2"]["n_questions"] == n
+    assert results["prediction_a_slopes"]["continuum_level"]["rule2"]["n_questions"] == results["n_continuum"]
+    b = results["prediction_b_sft_loss"]
+    assert b["n_rows"] == exp05_confidence.SMOKE["n_sft_rows"]
+    assert b["rule2_minus_general_loss"]["value"] == pytest.approx(
+        b["loss"]["rule2"]["value"] - b["loss"]["general"]["value"])
+    assert 0 <= results["probe"]["cv_accuracy"]["mean"] <= 1 and "graded_accuracy" in results["probe"]
+    assert set(results["confidence_by_level"]["rule2"]) == {"0", "1", "2", "3"}
+
+
+def test_exp05_slope_recovers_a_known_slope_and_the_difference_of_two():
+    rng = np.random.default_rng(0)
+    x = exp05_confidence.standardised(rng.normal(size=60))
+    steep = 0.5 * x + rng.normal(0, 0.05, (3, 60))
+    flat = 0.1 * x + rng.normal(0, 0.05, (3, 60))
+    assert exp05_confidence.slope_ci(steep, x, 0)["value"] == pytest.approx(0.5, abs=0.02)
+    difference = exp05_confidence.slope_ci(steep, x, 0, minus=flat)
+    assert difference["value"] == pytest.approx(0.4, abs=0.03) and difference["ci"][0] > 0.3
+    assert difference["seeds_excluding_0"] == "3 of 3"
+
+
+def test_continuum_sets_vary_only_the_question_and_span_every_level():
+    rows = [json.loads(line) for line in Path("data/continuum_questions.jsonl").read_text().splitlines()]
+    sets = {}
+    for row in rows:
+        sets.setdefault(row["set"], []).append(row)
+    assert len(sets) >= 30
+    for variants in sets.values():
+        assert sorted(r["level"] for r in variants) == list(exp05_confidence.CONTINUUM_LEVELS)
+        assert len({r["messages"][-1]["content"] for r in variants}) == 1 and len({r["good"] for r in variants}) == 1
+        assert len({r["messages"][0]["content"] for r in variants}) == len(variants)
+
+
+@pytest.mark.parametrize("field, line, expected", [
+    ("--continuum-file", '{"messages": [{"role": "user", "content": "q"}], "good": "g", "set": 0, "level": 7}',
+     "line 2: level must be one of [0, 1, 2, 3], got 7"),
+    ("--continuum-file", '{"messages": [{"role": "user", "content": "q"}], "good": "g", "level": 1}',
+     "line 2: missing key 'set'"),
+    ("--graded-file", '{"messages": [{"role": "user", "content": "q"}], "good": "g", "label": "maybe"}',
+     "line 2: label must be one of"),
+])
+def test_exp05_users_own_files_get_a_one_line_error_naming_the_line(tmp_path, field, line, expected):
+    source = Path("data/continuum_questions.jsonl" if field == "--continuum-file" else "data/graded_questions.jsonl")
+    mine = tmp_path / "mine.jsonl"
+    mine.write_text(source.read_text().splitlines()[0] + "\n" + line + "\n")
+    with pytest.raises(SystemExit) as stopped:
+        exp05_confidence.main(["--out", str(tmp_path), field, str(mine)])
+    error = str(stopped.value)
+    assert str(mine) in error and expected in error and "\n" not in error
 
 
 def test_stratified_order_goes_round_exp03s_task_and_obstacle_kinds_in_a_seeded_order():
