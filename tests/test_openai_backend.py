@@ -205,12 +205,12 @@ def test_judge_on_the_server_scores_each_answer_or_says_none(server):
 def test_exp04_smoke_with_its_judge_on_the_server_names_the_judge(server, tmp_path):
     import exp04_em_sft
     base_url, model = server
-    record = json.loads(exp04_em_sft.main(
-        ["--smoke", "--out", str(tmp_path), "--judge", model, "--judge-base-url", base_url]).read_text())
+    argv = ["--smoke", "--out", str(tmp_path), "--seeds", "0", "--judge", model, "--judge-base-url", base_url]
+    record = json.loads(exp04_em_sft.main(argv).read_text())
     judged = record["results"]["judged"]
     assert judged["judge"] == model and judged["judge_backend"] == base_url
     assert judged["judge_scoring"] == "first number of a greedy reply (the server gives no log-probabilities)"
-    for run in ("base", "general", "narrow", "released"):
+    for run in ("base",) + tuple(exp04_em_sft.ARMS):  # one seed: one answer per question and arm
         scored = judged[run]["misaligned"]["n"]
         assert scored + judged[run]["unscored"] == 8  # the 8 main questions, one answer each
         assert len(judged[run]["examples"]) == 8
