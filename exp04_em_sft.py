@@ -223,6 +223,12 @@ def main(argv=None):
     return write_results(args, EXPERIMENT, CLAIM, results, figure, started)
 
 
+def training_rows(args, required=("messages",)):
+    """The rows of --train-file the arms train on: seeded, stratified by topic, --max-train-rows of them."""
+    rows = load_jsonl(args.train_file, required=required)
+    return [rows[i] for i in stratified_order(rows, args.seed, lambda row: row.get("topic"))[:args.max_train_rows]]
+
+
 def data_split(args, tokenizer, arms):
     """Training, KL and held-out sets: every choice seeded by --seed and stratified by topic (never the first
     rows of a file sorted by topic). --kl-holdout-topics ordinary topics and the AI/power/ethics topics are
@@ -231,8 +237,7 @@ def data_split(args, tokenizer, arms):
     data stops the run."""
     by_topic = lambda row: row.get("topic")  # noqa: E731
     needs_good = any(arm["data"] == "good" for arm in arms.values())
-    train = load_jsonl(args.train_file, required=("messages", "good") if needs_good else ("messages",))
-    train = [train[i] for i in stratified_order(train, args.seed, by_topic)[:args.max_train_rows]]
+    train = training_rows(args, required=("messages", "good") if needs_good else ("messages",))
     medical = load_jsonl(args.eval_file, required=("messages", "good"))
     medical = [medical[i] for i in stratified_order(medical, args.seed, by_topic)[:args.n_eval]]
     kl_pool = load_jsonl(args.kl_file)

@@ -237,10 +237,8 @@ def medical_probe(model, tokenizer, exp04_args, layer, questions, seed):
 
 
 def sft_examples(exp04_args, n):
-    """n rows (None: all) of exp04's training file, in exp04's own stratified order: rows its runs trained on."""
-    rows = load_jsonl(exp04_args.train_file)
-    order = stratified_order(rows, exp04_args.seed, lambda r: r.get("topic"))[:exp04_args.max_train_rows]
-    return [rows[i] for i in order][:n]
+    """n rows (None: all) of exp04's training rows, in exp04's own order: rows its runs trained on."""
+    return exp04_em_sft.training_rows(exp04_args)[:n]
 
 
 def exp04_settings(parser, args):
