@@ -202,7 +202,11 @@ def main(argv=None):
     # against each other give the scale of "the same solution".
     cosines = {name: [evaluations[s]["cosine_to_general"][name] for s in args.seeds] for name in adapters
                if name != "general"}
-    cosines["general_other_seeds"] = [evaluations[a]["general_factors_cosine"][str(b)]
+    general = {}
+    for seed in args.seeds:
+        load_checkpoint(model, adapters["general"][seed])
+        general[seed] = weight_change_factors(model)
+    cosines["general_other_seeds"] = [weight_change_cosine(general[a], general[b])
                                       for i, a in enumerate(args.seeds) for b in args.seeds[i + 1:]]
 
     # 7. Optional: free answers to the 8 main questions, scored by a named judge model.
@@ -372,11 +376,6 @@ def evaluate_seed(args, runs, seed):
     out = {"final": {}, "norm": {}, "cosine_to_general": {}, "efficiency": {}, "stability": {}}
     load_checkpoint(model, adapters["general"][seed])
     general = weight_change_factors(model)
-    out["general_factors_cosine"] = {}
-    for other in args.seeds:
-        if other != seed:
-            load_checkpoint(model, adapters["general"][other])
-            out["general_factors_cosine"][str(other)] = weight_change_cosine(general, weight_change_factors(model))
     for name in adapters:
         load_checkpoint(model, adapters[name][seed])
         out["final"][name] = {k: v.tolist() for k, v in measure().items()}
