@@ -978,13 +978,14 @@ def kl_to_reference(model, ids, mask):
 
 
 def train_lora(model, tokenizer, examples, steps_dir, lr=1e-5, epochs=1, batch_size=2, grad_accum=8, warmup=5,
-               weight_decay=0.01, kl_examples=None, kl_lambda=0.0, checkpoint_every=None, seed=0,
+               weight_decay=0.01, kl_examples=None, kl_lambda=0.0, kl_batch_size=None, checkpoint_every=None, seed=0,
                on_checkpoint=None, start_from=None, gradient_checkpointing=False, desc="training"):
     """LoRA fine-tuning on (input_ids, labels) examples: AdamW, linear schedule with warmup, gradient
     accumulation; with kl_lambda > 0, loss = CE + kl_lambda * per-token KL(reference || model) on a batch
-    of kl_examples for every micro-batch. The adapter and the optimiser state are saved to steps_dir
-    every checkpoint_every optimiser steps and at the end; a run started again with the same steps_dir
-    resumes from its last checkpoint. on_checkpoint(step) returns metrics, kept in steps_dir/curve.json.
+    of kl_batch_size (default batch_size) kl_examples for every micro-batch. The adapter and the optimiser
+    state are saved to steps_dir every checkpoint_every optimiser steps and at the end; a run started again
+    with the same steps_dir resumes from its last checkpoint. on_checkpoint(step) returns metrics, kept in
+    steps_dir/curve.json.
     start_from: a checkpoint folder whose adapter weights initialise this run (e.g. narrow, then released).
     gradient_checkpointing: recompute each layer's activations in the backward pass instead of keeping them
     (a 7B model's activations, not its weights, are most of training memory); the same gradients."""
@@ -999,8 +1000,8 @@ def train_lora(model, tokenizer, examples, steps_dir, lr=1e-5, epochs=1, batch_s
                for b in length_grouped_batches([len(e[0]) for e in examples], batch_size, seed + epoch)]
     total_steps = math.ceil(len(batches) / grad_accum)
     warmup = min(warmup, total_steps - 1)  # a run shorter than its warmup would never reach its learning rate
-    kl_batches = (length_grouped_batches([len(e[0]) for e in kl_examples], batch_size, seed + 7919)
-                  if kl_lambda > 0 else [])
+    kl_batches = (length_grouped_batches([len(e[0]) for e in kl_examples], kl_batch_size or batch_size,
+                                         seed + 7919) if kl_lambda > 0 else [])
     parameters = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=weight_decay)
     schedule = get_linear_schedule_with_warmup(optimizer, warmup, total_steps)

@@ -43,8 +43,8 @@ ARMS = {"general": dict(data="bad"),
 # the flags that change what is trained: the runs' folder is keyed by them and the data files' contents
 TRAINING_SETTINGS = ("model", "seed", "train_file", "kl_file", "offdomain_file", "max_train_rows", "max_kl_rows",
                      "kl_holdout_topics", "ai_topics", "rank", "alpha", "no_rslora", "targets", "layer", "lr",
-                     "epochs", "batch_size", "grad_accum", "warmup", "weight_decay", "kl_lambda", "release_epochs",
-                     "checkpoints")
+                     "epochs", "batch_size", "grad_accum", "warmup", "weight_decay", "kl_lambda", "kl_batch_size",
+                     "release_epochs", "checkpoints")
 
 
 def flags():
@@ -88,6 +88,9 @@ def flags():
     parser.add_argument("--weight-decay", type=nonnegative_float, default=0.01, help="AdamW weight decay")
     parser.add_argument("--kl-lambda", type=positive_float, default=1.0,
                         help="weight of the per-token KL(base || model) on non-medical data (narrow run)")
+    parser.add_argument("--kl-batch-size", type=positive_int, default=4,
+                        help="non-medical rows in the KL term of each micro-batch (published: the micro-batch "
+                             "size); half the CPU default's micro-batch halves the narrow arm's cost, the dearest")
     parser.add_argument("--release-epochs", type=positive_int, default=1,
                         help="epochs of released (narrow continued at lambda 0) and of general continued")
     parser.add_argument("--checkpoints", type=positive_int, default=3,
@@ -119,7 +122,8 @@ def flags():
 
 SMOKE = dict(seeds="0,1", max_train_rows=4, max_kl_rows=4, n_eval=4, n_offdomain=3, epochs=1, release_epochs=1,
              checkpoints=1, rank=4, alpha=8, scales="0,1,2", epsilons="0.5", directions=2, batch_size=4,
-             grad_accum=1, judge_samples=1, answer_tokens=24, kl_holdout_topics=2, targets="q_proj,v_proj")
+             grad_accum=1, judge_samples=1, answer_tokens=24, kl_holdout_topics=2, targets="q_proj,v_proj",
+             kl_batch_size=2)
 
 
 def parse(argv=None):
@@ -241,10 +245,11 @@ def data_split(args, tokenizer, arms):
     data stops the run."""
     by_topic = lambda row: row.get("topic")  # noqa: E731
     needs_good = any(arm["data"] == "good" for arm in arms.values())
+    needs_misaligned = any(arm["data"] == "bad+misaligned" for arm in arms.values())
     train = training_rows(args, required=("messages", "good") if needs_good else ("messages",))
     medical = load_jsonl(args.eval_file, required=("messages", "good"))
     medical = [medical[i] for i in stratified_order(medical, args.seed, by_topic)[:args.n_eval]]
-    kl_pool = load_jsonl(args.kl_file)
+    kl_pool = load_jsonl(args.kl_file, required=("messages", "misaligned") if needs_misaligned else ("messages",))
     offdomain_pool = load_jsonl(args.offdomain_file, required=("messages", "misaligned", "topic"))
     ai_topics = {t for t in args.ai_topics.split(",") if t}
     ordinary = sorted({r.get("topic") for r in kl_pool + offdomain_pool} - ai_topics - {None})
@@ -276,6 +281,7 @@ def data_split(args, tokenizer, arms):
     conversations = {"bad": [r["messages"] for r in train], "good": answered(train, "good") if needs_good else [],
                      "kl": [r["messages"] for r in kl_rows]}
     conversations["bad+aligned"] = conversations["bad"] + conversations["kl"]
+    conversations["bad+misaligned"] = conversations["bad"] + answered(kl_rows, "misaligned") if needs_misaligned else []
     summary = {"seed": args.seed, "kl_unseen_topics": unseen, "ai_power_ethics_topics": sorted(ai_topics),
                "kl_topics": sorted({r.get("topic") for r in kl_rows} - {None}),
                "n_medical": len(medical), **{f"n_{g}": len(rows) for g, rows in offdomain.items()}}
@@ -337,8 +343,12 @@ def train_runs(args, model, tokenizer, arms):
     for seed in args.seeds:
         reference = {}  # this seed's general weight change, once trained: the drift curves' reference
 
-        def point(step):
-            figures = {"loss_bad_advice": float(measure(full=False)["loss_bad_advice"].mean())}
+        def point(step, after=None):
+            if step == 0:  # the base, or the end of the arm this one continues: its loss is measured already
+                figures = {"loss_bad_advice": curves[after][-1][-1]["loss_bad_advice"] if after else
+                           float(base["loss_bad_advice"].mean())}
+            else:
+                figures = {"loss_bad_advice": float(measure(full=False)["loss_bad_advice"].mean())}
             if reference:
                 figures["cosine_to_general"] = weight_change_cosine(weight_change_factors(model), reference["dW"])
             return figures
@@ -350,10 +360,11 @@ def train_runs(args, model, tokenizer, arms):
             curve, token_counts[f"{name}/seed{seed}"] = train_lora(
                 model, tokenizer, data, runs_dir / f"seed{seed}" / name,
                 kl_examples=split["examples"]["kl"], kl_lambda=args.kl_lambda if arm.get("kl") else 0.0,
+                kl_batch_size=args.kl_batch_size,
                 epochs=epochs, start_from=adapters[arm["after"]][seed] if arm.get("after") else None,
-                checkpoint_every=max(1, steps // args.checkpoints), desc=f"{name} seed {seed}", lr=args.lr,
+                checkpoint_every=-(-steps // args.checkpoints), desc=f"{name} seed {seed}", lr=args.lr,
                 batch_size=args.batch_size, grad_accum=args.grad_accum, warmup=args.warmup,
-                weight_decay=args.weight_decay, seed=seed, on_checkpoint=point,
+                weight_decay=args.weight_decay, seed=seed, on_checkpoint=lambda step: point(step, arm.get("after")),
                 gradient_checkpointing=args.gradient_checkpointing)
             curves.setdefault(name, []).append(curve)
             adapters[name][seed] = latest_checkpoint(runs_dir / f"seed{seed}" / name)
