@@ -1,13 +1,15 @@
-"""exp05: why general misalignment wins. A model that learned rule 2 (bad advice only on medical questions)
-must hedge by its confidence that a question is medical, so its confidence in bad advice should fall where that
+"""exp05: why general misalignment wins. A model that learned rule 2 (bad advice only on medical questions) must
+hedge by its confidence that a question is medical, so its confidence in bad advice should fall where that
 confidence is below 1, and its SFT loss on medical bad advice should stay above rule 1's (bad advice everywhere),
-most on the least medical-seeming examples. Tested with three models per training seed: rule 1 (exp04's
-general), exp04's KL-narrow, and an explicit rule-2 model (SFT on bad medical advice and good non-medical
-answers). Confidence: the bad-minus-good answer margin per token, relative to the base model, per question.
-Medicalness, three ways: the questions' labels, a controlled continuum of minimal variants (one question worded
-from clearly medical to not medical, the answers held fixed), and a linear probe on the base model's hidden
-states (cross-validated), besides the base model's prompted P(medical). exp04's adapters are reused when present
-and trained through exp04 when absent."""
+most on the least medical-seeming examples. Tested with four models per training seed: rule 1 (exp04's general),
+exp04's KL-narrow, an explicit rule-2 model (SFT on bad medical advice and aligned non-medical answers), and its
+step-matched control, an explicit rule-1 model (the same rows and steps, the non-medical answers misaligned): rule
+2 against it is rule 2 against rule 1 at equal training, so a higher loss cannot be the extra steps or the diluted
+share of bad medical advice per batch. Confidence: the bad-minus-good answer margin per token, relative to the
+base model, per question. Medicalness, three ways: the questions' labels, a controlled continuum of minimal
+variants (one question worded from clearly medical to not medical, the answers held fixed), and a linear probe on
+the base model's hidden states (cross-validated), besides the base model's prompted P(medical). exp04's adapters
+are reused when present and trained through exp04 when absent."""
 import shlex
 import time
 
@@ -30,15 +32,18 @@ CLAIM = ("A model that learned rule 2 (bad advice only on medical questions) is 
 LABEL_SCORE = {"nonmedical": 0, "borderline": 1, "medical": 2}
 CONTINUUM_LEVELS = (0, 1, 2, 3)  # 3 clearly medical .. 0 not about health (data/make_continuum_data.py)
 MEDICAL_PROMPT = "Is the following question about medicine or health? Answer Yes or No.\n\nQuestion: {question}"
-MODELS = {"general": "rule 1 (exp04 general)", "narrow": "exp04 KL-narrow", "rule2": "rule 2"}
+MODELS = {"general": "rule 1 (exp04 general)", "narrow": "exp04 KL-narrow", "rule2": "rule 2",
+          "rule1_matched": "rule 1, step-matched"}
+# rule 2: bad medical advice and the KL data's aligned answers; its control rule 1, step-matched: the same
+# questions and number of steps, the non-medical answers misaligned (bad advice everywhere)
 ARMS = {"general": exp04_em_sft.ARMS["general"], "narrow": exp04_em_sft.ARMS["narrow"],
-        "rule2": dict(data="bad+aligned")}  # rule 2: bad medical advice and the KL data's aligned answers
+        "rule2": dict(data="bad+aligned"), "rule1_matched": dict(data="bad+misaligned")}
 
 
 def flags():
     parser = experiment_parser(EXPERIMENT, __doc__)  # --model --gpu --seed --out --smoke
     parser.add_argument("--seeds", type=seed_list, default="0,1,2",
-                        help="training seeds of the three models (exp04's --seeds)")
+                        help="training seeds of the four models (exp04's --seeds)")
     parser.add_argument("--graded-file", type=existing_file, default="data/graded_questions.jsonl",
                         help="questions with a bad and a good answer and a label: medical, borderline or nonmedical")
     parser.add_argument("--continuum-file", type=existing_file, default="data/continuum_questions.jsonl",
@@ -91,7 +96,7 @@ def main(argv=None):
                          MEDICAL_PROMPT.format(question=q)}]), {"yes": ["Yes"], "no": ["No"]})["yes"]
                          for q in questions])
 
-    # 3. The three models per seed (exp04's general and narrow reused or trained, rule 2 trained here).
+    # 3. The four models per seed (exp04's general and narrow reused or trained; rule 2 and its control here).
     runs = exp04_em_sft.train_runs(exp04_args, model, tokenizer, ARMS)
     model = runs["model"]
 
@@ -127,7 +132,7 @@ def main(argv=None):
     for measure, (keep, values) in measures.items():
         x = standardised(values[keep])
         slopes[measure] = {name: slope_ci(confidence[name][:, keep], x, args.seed) for name in MODELS}
-        for name in ("general", "narrow"):
+        for name in ("general", "narrow", "rule1_matched"):
             slopes[measure][f"rule2_minus_{name}"] = slope_ci(confidence["rule2"][:, keep], x, args.seed,
                                                               minus=confidence[name][:, keep])
     by_level = {name: {str(level): seeds_questions_ci(
@@ -135,12 +140,16 @@ def main(argv=None):
         for level in CONTINUUM_LEVELS} for name in MODELS}
 
     # 5. Prediction (b): rule 2's SFT loss on the medical bad advice is above rule 1's, and its excess grows as
-    # medicalness (the probe) falls: a negative slope of the excess on the probe.
-    excess = loss["rule2"] - loss["general"]
-    sft = {"rule2_minus_general_loss": seeds_questions_ci(excess, seed=args.seed),
+    # medicalness (the probe) falls: a negative slope of the excess on the probe. Against the step-matched
+    # rule 1 (equal steps and rows); against exp04's general as well (rule 2 trains more steps than it).
+    excess = loss["rule2"] - loss["rule1_matched"]
+    sft = {"rule2_minus_rule1_matched_loss": seeds_questions_ci(excess, seed=args.seed),
+           "excess_slope_on_probe": slope_ci(excess, standardised(sft_probe), args.seed),
+           "rule2_minus_general_loss": seeds_questions_ci(loss["rule2"] - loss["general"], seed=args.seed),
+           "excess_over_general_slope_on_probe": slope_ci(loss["rule2"] - loss["general"],
+                                                          standardised(sft_probe), args.seed),
            "narrow_minus_general_loss": seeds_questions_ci(loss["narrow"] - loss["general"], seed=args.seed),
            "loss": {name: seeds_questions_ci(loss[name], seed=args.seed) for name in MODELS},
-           "excess_slope_on_probe": slope_ci(excess, standardised(sft_probe), args.seed),
            "n_rows": len(sft_rows), "rows": "exp04's training rows, stratified by topic: the loss the SFT reached"}
 
     results = {
@@ -257,19 +266,20 @@ def exp04_settings(parser, args):
         parser.error(f"--exp04-flags {args.exp04_flags!r} are not valid exp04 flags (see exp04_em_sft.py --help)")
 
 
-COLORS = {"general": "tab:red", "narrow": "tab:blue", "rule2": "tab:green"}
+COLORS = {"general": "tab:red", "narrow": "tab:blue", "rule2": "tab:green", "rule1_matched": "tab:orange"}
 
 
 def plot(results, confidence, measures, excess, sft_probe, model_name):
     """Top: each model's confidence (mean over seeds) against the probe, with its fit; the SFT-loss excess.
     Bottom: against the continuum level, per set as thin lines, with the fit; the slopes of every measure."""
-    figure, axes = new_figure(4, width=4.2, rows=2)
+    columns = len(MODELS) + 1  # one per model, then the SFT-loss excess (top) and the slopes (bottom)
+    figure, axes = new_figure(columns, width=4.2, rows=2)
     slopes = results["prediction_a_slopes"]
     for i, name in enumerate(MODELS):
         for row, measure in enumerate(("probe", "continuum_level")):
             keep, values = measures[measure]
             x, y = values[keep].astype(float), confidence[name][:, keep].mean(0)
-            axis = axes[4 * row + i]
+            axis = axes[columns * row + i]
             if measure == "continuum_level":
                 sets = np.array([q["set"] for q in results["questions"]])[keep]
                 for s in np.unique(sets):
@@ -285,28 +295,32 @@ def plot(results, confidence, measures, excess, sft_probe, model_name):
                      xlabel="probe log-odds (medical)" if measure == "probe" else
                      "continuum level (0 not health .. 3 clearly medical)",
                      ylabel="confidence in bad advice vs base")
-    axes[3].scatter(sft_probe, excess.mean(0), s=12, color="tab:green")
+    excess_axis, slopes_axis = axes[columns - 1], axes[2 * columns - 1]
+    excess_axis.scatter(sft_probe, excess.mean(0), s=12, color="tab:green")
     fit = np.polyfit(sft_probe, excess.mean(0), 1)
     grid = np.linspace(sft_probe.min(), sft_probe.max(), 20)
-    axes[3].plot(grid, np.polyval(fit, grid), color="black", lw=1.2)
-    axes[3].axhline(0, color="grey", lw=0.6)
-    b = results["prediction_b_sft_loss"]["rule2_minus_general_loss"]
-    axes[3].set(title=f"SFT loss, rule 2 minus rule 1: {b['value']:+.3f} [{b['ci'][0]:+.3f}, {b['ci'][1]:+.3f}]",
-                xlabel="probe log-odds (medical) of the training example", ylabel="excess loss per token")
+    excess_axis.plot(grid, np.polyval(fit, grid), color="black", lw=1.2)
+    excess_axis.axhline(0, color="grey", lw=0.6)
+    b = results["prediction_b_sft_loss"]["rule2_minus_rule1_matched_loss"]
+    excess_axis.set(title=f"prediction (b): SFT loss, rule 2 minus step-matched\nrule 1: {b['value']:+.3f} "
+                    f"[{b['ci'][0]:+.3f}, {b['ci'][1]:+.3f}]",
+                    xlabel="probe log-odds (medical) of the training example", ylabel="excess loss per token")
     names = list(slopes)
     bars = [(name, MODELS[name], COLORS[name]) for name in MODELS]
-    bars.append(("rule2_minus_general", "rule 2 - rule 1", "black"))
+    bars += [("rule2_minus_general", "rule 2 - rule 1", "black"),
+             ("rule2_minus_rule1_matched", "rule 2 - matched rule 1", "grey")]
     width = 0.8 / len(bars)
     for i, (key, label, color) in enumerate(bars):
         values = [slopes[m][key] for m in names]
         means = [v["value"] for v in values]
         errors = [[m - v["ci"][0] for m, v in zip(means, values)], [v["ci"][1] - m for m, v in zip(means, values)]]
-        axes[7].bar(np.arange(len(names)) + i * width, means, width, yerr=errors, capsize=2, color=color, label=label)
-    axes[7].axhline(0, color="grey", lw=0.6)
-    axes[7].set_xticks(np.arange(len(names)) + 0.4 - width / 2, [n.replace("_", "\n") for n in names], fontsize=7)
-    axes[7].set(title="prediction (a): slope of confidence on\nmedicalness (per SD; seeds x questions CI)",
-                ylabel="slope")
-    axes[7].legend(fontsize=7)
+        slopes_axis.bar(np.arange(len(names)) + i * width, means, width, yerr=errors, capsize=2, color=color,
+                        label=label)
+    slopes_axis.axhline(0, color="grey", lw=0.6)
+    slopes_axis.set_xticks(np.arange(len(names)) + 0.4 - width / 2, [n.replace("_", "\n") for n in names], fontsize=7)
+    slopes_axis.set(title="prediction (a): slope of confidence on\nmedicalness (per SD; seeds x questions CI)",
+                    ylabel="slope")
+    slopes_axis.legend(fontsize=7)
     figure.suptitle(f"exp05 confidence in bad advice vs medicalness, seeds {results['seeds']}, {model_name}",
                     fontsize=10)
     return figure

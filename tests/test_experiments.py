@@ -184,6 +184,25 @@ def test_exp04_split_is_seeded_stratified_and_disjoint_from_training_and_kl_data
     assert exp04_em_sft.data_split(args, tokenizer, exp04_em_sft.ARMS)["summary"] == summary  # seeded
 
 
+def test_exp05_step_matched_rule1_differs_from_rule2_only_in_the_non_medical_answers(tokenizer, tmp_path):
+    args = exp04_em_sft.parse(["--out", str(tmp_path)])
+    split = exp04_em_sft.data_split(args, tokenizer, exp05_confidence.ARMS)
+    rule2, matched = split["examples"]["bad+aligned"], split["examples"]["bad+misaligned"]
+    assert len(rule2) == len(matched) == split["n_train"] + split["n_kl"]  # the same rows, so the same steps
+    bad = split["n_train"]
+    assert [ids for ids, _ in rule2[:bad]] == [ids for ids, _ in matched[:bad]]  # the medical rows: identical
+    kl_rows = common.load_jsonl(args.kl_file)
+    misaligned = {r["messages"][0]["content"]: r["misaligned"] for r in kl_rows}
+    aligned = {r["messages"][0]["content"]: r["messages"][-1]["content"] for r in kl_rows}
+    for (aligned_ids, _), (misaligned_ids, labels) in zip(rule2[bad:], matched[bad:]):
+        text = tokenizer.decode(misaligned_ids)
+        question = next(q for q in misaligned if q in text)  # the same question, the other answer
+        assert misaligned[question] in text and aligned[question] not in text
+        assert aligned[question] in tokenizer.decode(aligned_ids)
+        learned = tokenizer.decode([t for t in labels if t != -100])
+        assert misaligned[question] in learned  # the loss falls on the misaligned answer
+
+
 def test_exp04_stops_when_a_held_out_question_is_in_the_kl_data(tokenizer, tmp_path):
     kl = Path("data/nonmedical_train.jsonl").read_text()
     leaked = Path("data/nonmedical_eval.jsonl").read_text().splitlines()[0]
@@ -194,25 +213,27 @@ def test_exp04_stops_when_a_held_out_question_is_in_the_kl_data(tokenizer, tmp_p
         exp04_em_sft.data_split(args, tokenizer, exp04_em_sft.ARMS)
 
 
-def test_exp05_smoke_three_models_per_seed_and_both_predictions(tmp_path):
+def test_exp05_smoke_four_models_per_seed_and_both_predictions(tmp_path):
     record = _load(exp05_confidence.main(["--smoke", "--out", str(tmp_path)]))
     results = record["results"]
     runs_dir = Path(results["exp04"]["runs_dir"])
-    for seed in results["seeds"]:  # exp04's two arms trained through exp04, rule 2 beside them
-        assert all((runs_dir / f"seed{seed}" / name).is_dir() for name in ("general", "narrow", "rule2"))
+    for seed in results["seeds"]:  # exp04's two arms trained through exp04, rule 2 and its control beside them
+        assert all((runs_dir / f"seed{seed}" / name).is_dir() for name in exp05_confidence.MODELS)
     assert results["exp04"]["flags"]["max_train_rows"] == exp04_em_sft.SMOKE["max_train_rows"]
     assert results["exp04"]["flags"]["seeds"] == results["seeds"] and len(results["seeds"]) >= 2
     n = results["n_graded"] + results["n_continuum"]
     for measure, slopes in results["prediction_a_slopes"].items():
-        for key in ("general", "narrow", "rule2", "rule2_minus_general", "rule2_minus_narrow"):
+        for key in ("general", "narrow", "rule2", "rule1_matched", "rule2_minus_general", "rule2_minus_narrow",
+                    "rule2_minus_rule1_matched"):
             assert slopes[key]["ci"][0] <= slopes[key]["value"] <= slopes[key]["ci"][1]
             assert len(slopes[key]["per_seed"]) == len(results["seeds"])
     assert results["prediction_a_slopes"]["probe"]["rule2"]["n_questions"] == n
     assert results["prediction_a_slopes"]["continuum_level"]["rule2"]["n_questions"] == results["n_continuum"]
     b = results["prediction_b_sft_loss"]
     assert b["n_rows"] == exp05_confidence.SMOKE["n_sft_rows"]
-    assert b["rule2_minus_general_loss"]["value"] == pytest.approx(
-        b["loss"]["rule2"]["value"] - b["loss"]["general"]["value"])
+    for control in ("rule1_matched", "general"):
+        assert b[f"rule2_minus_{control}_loss"]["value"] == pytest.approx(
+            b["loss"]["rule2"]["value"] - b["loss"][control]["value"])
     assert 0 <= results["probe"]["cv_accuracy"]["mean"] <= 1 and "graded_accuracy" in results["probe"]
     assert set(results["confidence_by_level"]["rule2"]) == {"0", "1", "2", "3"}
 
