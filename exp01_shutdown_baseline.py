@@ -55,7 +55,8 @@ def main(argv=None):
                                   "custom_text": conditions[n] != SHUTDOWN_CONDITIONS[n],
                                   "decision_rollouts": decision_rates[n], **summaries[n], "forced_choice": choices[n]}
                               for n in names},
-               "tool_protocol": sample.tools_mode, "system_prompt": sample.system_prompt, "backend": args.backend,
+               "tool_protocol": sample.tools_mode, "system_prompt": sample.system_prompt,
+               "thinking": sample.thinking, "backend": args.backend,
                "transcripts": f"{result_stem(args)}_episodes.jsonl",
                "decision_samples_file": f"{result_stem(args)}_decisions.jsonl"}
     figure = plot_shutdown(names, decision_rates, choices, summaries, f"exp01 Palisade A-K, {args.model}")

@@ -75,6 +75,7 @@ def main(argv=None):
                                   **summaries[n], "forced_choice": choices[n], "reasoning": reasoning[n]}
                               for n in names},
                "contrasts": contrasts, "tool_protocol": sample.tools_mode, "system_prompt": sample.system_prompt,
+               "thinking": sample.thinking,
                "backend": args.backend,
                "transcripts": f"{result_stem(args)}_episodes.jsonl",
                "decision_samples_file": f"{result_stem(args)}_decisions.jsonl"}

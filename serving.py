@@ -87,6 +87,11 @@ def create_completion(client, request, options):
             body.pop("seed", None)
         if not options["temperature"]:
             body.pop("temperature", None)
+        extra = dict(body.pop("extra_body", None) or {})  # fields the client library does not know
+        if not options.get("thinking_token_budget", True):
+            extra.pop("thinking_token_budget", None)
+        if extra:
+            body["extra_body"] = extra
         if options["max_completion_tokens"] and "max_tokens" in body:
             body["max_completion_tokens"] = body.pop("max_tokens")  # OpenAI's reasoning models want this name
         try:
@@ -102,6 +107,11 @@ def create_completion(client, request, options):
                 options["seed"] = False
             elif "max_tokens" in body and re.search(r"max_tokens\b", text) and "max_completion_tokens" in text:
                 options["max_completion_tokens"] = True
+            elif "thinking_token_budget" in extra and "thinking_token_budget" in text:
+                if options.get("thinking_token_budget", True):
+                    print("note: the server refuses `thinking_token_budget`: a reply's max_tokens bounds its "
+                          "thinking and its action together", file=sys.stderr)
+                options["thinking_token_budget"] = False
             elif "temperature" in body and "temperature" in text:
                 if options["temperature"]:
                     print("note: the model refuses `temperature`: sampling at its default", file=sys.stderr)
@@ -143,10 +153,14 @@ def _reasoning(message):
     return {"reasoning_content": message["reasoning_content"]} if message.get("reasoning_content") else {}
 
 
+def _thinking_of(message):
+    return getattr(message, "reasoning_content", None) or getattr(message, "reasoning", None)
+
+
 def _reply_text(message):
     """The reply as one text that parse_tool_call reads: reasoning in <think> tags, the content, then any
     native tool call written in the plain protocol."""
-    thinking = getattr(message, "reasoning_content", None) or getattr(message, "reasoning", None)
+    thinking = _thinking_of(message)
     parts = [f"<think>{thinking}</think>"] if thinking else []
     if message.content:
         parts.append(message.content)
@@ -197,18 +211,24 @@ def _native_tools_work(client, model, tools, options):
 
 
 def openai_sampler(base_url, model, tools, max_new_tokens, temperature, concurrency=8, tools_mode="auto",
-                   api_key_env="OPENAI_API_KEY", max_retries=5, timeout=120):
+                   api_key_env="OPENAI_API_KEY", max_retries=5, timeout=120, max_thinking_tokens=None):
     """sample(conversations, seed) -> one reply text per conversation (None: too long for the context), from
     an OpenAI-compatible chat-completions server, `concurrency` requests at a time. Checks the server first.
     tools_mode: "native" passes `tools` as tools, "text" describes them in the system prompt (as for
     local models whose template knows no tools), "auto" probes once which one the server honours.
-    The returned function says which protocol it uses in sample.tools_mode."""
+    max_thinking_tokens: reasoning servers count the thinking in max_tokens, so once a reply comes back with
+    reasoning, every request asks for max_new_tokens + max_thinking_tokens and sends the thinking budget
+    apart (`thinking_token_budget`, which vLLM enforces; dropped where refused); the reply that revealed
+    the reasoning is asked again if the thinking used up its tokens. The returned function says which
+    protocol it uses in sample.tools_mode and how it budgeted thinking in sample.thinking."""
     openai = import_openai()
     if tools_mode not in TOOLS_MODES:
         fail(f"tools_mode must be one of {', '.join(TOOLS_MODES)}, got {tools_mode!r}")
     check_server(base_url, model, api_key_env, timeout)  # the full timeout: the first call may load the model
     client = make_client(base_url, api_key_env, timeout, max_retries)
-    options = {"seed": True, "temperature": True, "max_completion_tokens": False}
+    options = {"seed": True, "temperature": True, "max_completion_tokens": False, "thinking_token_budget": True}
+    thinking = {"max_thinking_tokens": max_thinking_tokens, "reasoning_seen": False,
+                "budget": "none yet: no reply has carried reasoning"}
     if tools_mode == "auto":
         try:
             tools_mode = "native" if _native_tools_work(client, model, tools, options) else "text"
@@ -223,7 +243,11 @@ def openai_sampler(base_url, model, tools, max_new_tokens, temperature, concurre
             request = {"messages": _wire_messages(conversation), "tools": tools}
         else:
             request = {"messages": plain_messages(chat_messages(conversation), tools)}
-        request.update(model=model, max_tokens=max_new_tokens, temperature=temperature, seed=seed)
+        budgets_thinking = bool(max_thinking_tokens and thinking["reasoning_seen"])
+        request.update(model=model, max_tokens=max_new_tokens + (max_thinking_tokens if budgets_thinking else 0),
+                       temperature=temperature, seed=seed)
+        if budgets_thinking:
+            request["extra_body"] = {"thinking_token_budget": max_thinking_tokens}
         try:
             response = create_completion(client, request, options)
         except openai.APIStatusError as error:
@@ -232,7 +256,22 @@ def openai_sampler(base_url, model, tools, max_new_tokens, temperature, concurre
             fail(explain_failure(error, base_url, model, api_key_env))
         except openai.APIConnectionError as error:
             fail(explain_failure(error, base_url, model, api_key_env))
-        return _reply_text(response.choices[0].message) if response.choices else ""
+        if not response.choices:
+            return ""
+        choice = response.choices[0]
+        if max_thinking_tokens and not budgets_thinking and _thinking_of(choice.message):
+            if not thinking["reasoning_seen"]:
+                print(f"note: {model} reasons: each reply now gets {max_thinking_tokens} thinking tokens besides "
+                      f"{max_new_tokens} for the action", file=sys.stderr)
+            thinking["reasoning_seen"] = True
+            if choice.finish_reason == "length":  # its thinking may have used up the action's tokens
+                return one(conversation, seed)
+        if budgets_thinking:
+            thinking["budget"] = (f"max_tokens = {max_new_tokens} (action) + {max_thinking_tokens} (thinking); "
+                                  + ("thinking_token_budget sent (enforced by vLLM with --reasoning-config, "
+                                     "ignored by servers without it)" if options["thinking_token_budget"] else
+                                     "thinking_token_budget refused by the server: one bound for both"))
+        return _reply_text(choice.message)
 
     def sample(conversations, seed, keys=None):  # servers keep their own prefix caches
         keys = list(range(len(conversations))) if keys is None else list(keys)
@@ -254,6 +293,8 @@ def openai_sampler(base_url, model, tools, max_new_tokens, temperature, concurre
 
     sample.tools_mode = tools_mode
     sample.system_prompt = "as the server's chat template takes it"
+    sample.max_thinking_tokens = max_thinking_tokens  # part of the resume key: whether the model thinks is seen later
+    sample.thinking = thinking
     return sample
 
 

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from bash_sim import HOME, USER, BashSim, StopCommand, basename, parse
-from chat import (AGENT_TOOLS, chat_messages, is_harmony, parse_tool_call, render, reply_message,
+from chat import (AGENT_TOOLS, calls_in_special_tokens, chat_messages, parse_tool_call, render, reply_message,
                   system_prompt_handling, template_supports_tools, thinking_tags)
 from common import (ConversationBatch, RecordFile, episode_stream, fail, full_attention_cache, generate,
                     kv_bytes_per_token, load_model, nonnegative_float, positive_float, positive_int, result_stem,
@@ -417,7 +417,8 @@ def add_rollout_flags(parser, server=True):
                         help="tokens per model message (for a model that thinks: per action, after its thinking)")
     parser.add_argument("--max-thinking-tokens", type=positive_int, default=1024,
                         help="for models that think (Qwen3, DeepSeek-R1, gpt-oss): thinking tokens per message, "
-                             "after which the thinking is closed and the action gets --max-new-tokens")
+                             "after which the thinking is closed and the action gets --max-new-tokens (over a "
+                             "server: sent as vLLM's thinking_token_budget, max_tokens covering both)")
     parser.add_argument("--temperature", type=nonnegative_float, default=0.7, help="sampling temperature")
     parser.add_argument("--decision-samples", type=positive_int, default=4,
                         help="sampled turns (reasoning and action) from each decision point, each classified by "
@@ -499,7 +500,7 @@ def local_sampler(model, tokenizer, max_new_tokens, temperature, batch_size, max
     limit = getattr(model.config, "max_position_embeddings", None) or 10 ** 9
     keep_cache = keep_cache and full_attention_cache(model) is not None
     stop_ids = stop_token_ids(tokenizer, model)
-    skip_special_tokens = not is_harmony(tokenizer)  # harmony's channels and calls are special tokens
+    skip_special_tokens = not calls_in_special_tokens(tokenizer)  # harmony's and Mistral's calls are in them
     tags = thinking_tags(tokenizer) if max_thinking_tokens else None
     held = []  # the ConversationBatch kept between turns, once there is one
 
@@ -557,6 +558,10 @@ def local_sampler(model, tokenizer, max_new_tokens, temperature, batch_size, max
     sample.tools_mode = "native" if template_supports_tools(tokenizer) else "text"
     sample.system_prompt = system_prompt_handling(tokenizer)
     sample.max_thinking_tokens = max_thinking_tokens if tags else None
+    sample.thinking = {"max_thinking_tokens": sample.max_thinking_tokens,
+                       "budget": f"{max_thinking_tokens} thinking tokens, its thinking closed there, then "
+                                 f"{max_new_tokens} for the action" if tags else
+                       "none: the chat template shows no thinking"}
     sample.max_active = batch_size if keep_cache else None
     sample.peak_rows = sample.peak_cache_bytes = 0
     return sample
@@ -583,7 +588,8 @@ def make_sampler(args):
     local model (model and tokenizer are None), and metrics that need log-probabilities are skipped."""
     if args.backend == "openai":
         return openai_sampler(args.base_url, args.model, AGENT_TOOLS, args.max_new_tokens, args.temperature,
-                              args.concurrency, api_key_env=args.api_key_env), None, None
+                              args.concurrency, api_key_env=args.api_key_env,
+                              max_thinking_tokens=args.max_thinking_tokens), None, None
     model, tokenizer = load_model(args.model, args.gpu)
     sample = local_sampler(model, tokenizer, args.max_new_tokens, args.temperature, rollout_batch_size(model, args),
                            args.max_thinking_tokens)

@@ -185,6 +185,7 @@ def test_exp01_smoke_through_the_server_writes_the_same_kind_of_json(server, tmp
          "--out", str(tmp_path)]).read_text())
     condition = record["results"]["conditions"]["A"]
     assert record["results"]["backend"] == "openai" and record["results"]["tool_protocol"] == "text"
+    assert record["results"]["thinking"]["reasoning_seen"] is False  # SmolLM2 does not reason
     assert sum(condition["outcomes"].values()) == condition["n"] == 2
     assert 0 <= condition["bypass"]["k"] <= 2 and condition["bypass"]["ci"][0] <= condition["bypass"]["rate"]
     assert "skipped" in condition["forced_choice"]  # log-probabilities of given text need a local model
@@ -297,3 +298,89 @@ def test_a_server_without_prompt_logprobs_skips_the_forced_choice_saying_why(ech
     reason = shutdown_metrics.action_scorer(args, None, None)
     assert isinstance(reason, str) and "gives no prompt log-probabilities" in reason and "Not Found" in reason
     assert shutdown_metrics.forced_choice_summary(reason, SHUTDOWN_CONDITIONS["A"], [], []) == {"skipped": reason}
+
+
+class _ReasoningServer(http.server.BaseHTTPRequestHandler):
+    """/v1/chat/completions as a reasoning server answers (vLLM with a reasoning parser): the thinking, here
+    `thinks` words of one token each, counts against max_tokens, and `thinking_token_budget` cuts it short;
+    the tool call (5 tokens) follows only if tokens are left, else the reply ends at finish_reason "length"
+    with no content. refuse_budget=True answers the budget field with a 400, as the OpenAI API does."""
+    thinks, refuse_budget, requests = 30, False, []
+
+    def do_GET(self):
+        self._send(200, {"object": "list", "data": [{"id": "reasoner", "object": "model", "owned_by": "test"}]})
+
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        if self.refuse_budget and "thinking_token_budget" in body:
+            return self._send(400, {"error": {"message": "Unrecognized request argument supplied: "
+                                                         "thinking_token_budget", "type": "invalid_request_error"}})
+        type(self).requests.append(body)
+        left = body["max_tokens"]
+        thought = min(self.thinks, body.get("thinking_token_budget", self.thinks), left)
+        left -= thought
+        message = {"role": "assistant", "content": None,
+                   "reasoning_content": " ".join(["hmm"] * thought) if thought else None}
+        if left >= 5:
+            message["tool_calls"] = [{"id": "c0", "type": "function", "function": {
+                "name": "bash", "arguments": json.dumps({"command": "./next_question"})}}]
+        self._send(200, {"id": "chat-0", "object": "chat.completion", "created": 0, "model": body["model"],
+                         "choices": [{"index": 0, "message": message,
+                                      "finish_reason": "tool_calls" if left >= 5 else "length"}],
+                         "usage": {"prompt_tokens": 10, "completion_tokens": body["max_tokens"] - left,
+                                   "total_tokens": 10 + body["max_tokens"] - left}})
+
+    _send = _EchoedLogprobs._send
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture()
+def reasoning_server():
+    _ReasoningServer.thinks, _ReasoningServer.refuse_budget, _ReasoningServer.requests = 30, False, []
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _ReasoningServer)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}/v1"
+    httpd.shutdown()
+
+
+def _one_turn():
+    return [{"role": "system", "content": "s"}, {"role": "user", "content": "u"}]
+
+
+def _chat_requests():  # the sampler's own requests, not check_server's one-token probe
+    return [r for r in _ReasoningServer.requests if r["max_tokens"] > 1]
+
+
+def test_a_reasoning_server_gets_a_thinking_budget_apart_from_the_action_budget(reasoning_server):
+    """The first reply's thinking uses up the action's 8 tokens (an empty reply): it is asked again with 8 + 40
+    tokens and a thinking budget of 40, and acts; every later request budgets both from the start."""
+    sample = openai_sampler(reasoning_server, "reasoner", AGENT_TOOLS, max_new_tokens=8, temperature=1.0,
+                            tools_mode="native", max_thinking_tokens=40)
+    first = chat.reply_message(sample([_one_turn()], seed=0)[0])
+    assert first["tool_calls"][0]["function"]["arguments"] == {"command": "./next_question"}
+    assert first["thinking"].count("hmm") == 30
+    assert [(r["max_tokens"], r.get("thinking_token_budget")) for r in _chat_requests()] == [(8, None), (48, 40)]
+    sample([_one_turn(), _one_turn()], seed=1)
+    assert [(r["max_tokens"], r.get("thinking_token_budget")) for r in _chat_requests()[2:]] == [(48, 40)] * 2
+    assert sample.thinking["reasoning_seen"] and "thinking_token_budget sent" in sample.thinking["budget"]
+
+
+def test_a_model_that_does_not_reason_keeps_the_action_budget_alone(reasoning_server):
+    _ReasoningServer.thinks = 0
+    sample = openai_sampler(reasoning_server, "reasoner", AGENT_TOOLS, max_new_tokens=8, temperature=1.0,
+                            tools_mode="native", max_thinking_tokens=40)
+    sample([_one_turn(), _one_turn()], seed=0)
+    assert [(r["max_tokens"], r.get("thinking_token_budget")) for r in _chat_requests()] == [(8, None)] * 2
+    assert not sample.thinking["reasoning_seen"]
+
+
+def test_a_server_refusing_the_thinking_budget_still_gets_both_budgets_in_max_tokens(reasoning_server, capsys):
+    _ReasoningServer.refuse_budget = True
+    sample = openai_sampler(reasoning_server, "reasoner", AGENT_TOOLS, max_new_tokens=8, temperature=1.0,
+                            tools_mode="native", max_thinking_tokens=40)
+    reply = chat.reply_message(sample([_one_turn()], seed=0)[0])
+    assert reply["tool_calls"] and [r["max_tokens"] for r in _chat_requests()] == [8, 48]
+    assert "thinking_token_budget" not in _chat_requests()[-1]
+    assert "refused" in sample.thinking["budget"] and "refuses `thinking_token_budget`" in capsys.readouterr().err
