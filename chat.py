@@ -32,6 +32,12 @@ def is_harmony(tokenizer):
     return "<|channel|>" in (tokenizer.chat_template or "")
 
 
+def calls_in_special_tokens(tokenizer):
+    """Whether replies are read with their special tokens kept, because the tool calls are written in them:
+    harmony's channels and calls, Mistral's [TOOL_CALLS] and [ARGS] (their templates write these markers)."""
+    return is_harmony(tokenizer) or "[TOOL_CALLS]" in (tokenizer.chat_template or "")
+
+
 def thinking_tags(tokenizer):
     """(opening, closing) of the thinking block the template's models write (Qwen3 and DeepSeek-R1 <think>,
     harmony's analysis channel), or None for models that do not think."""
@@ -177,10 +183,35 @@ def harmony_as_tags(text):
     return "\n".join(parts + calls)
 
 
+def mistral_as_tags(text):
+    """A Mistral reply in the tags the rest of the parsing reads: [THINK]...[/THINK] (Magistral) as <think>
+    blocks, and each call as <tool_call>{"name": ..., "arguments": ...}</tool_call>, from both of Mistral's
+    forms: [TOOL_CALLS] [{"name": ..., "arguments": ...}, ...] (tokenizer v3-v7) and [TOOL_CALLS]NAME[ARGS]{...}
+    (v11 and later, one marker per call). Text without Mistral's markers is left as it is."""
+    if "[TOOL_CALLS]" not in text and "[THINK]" not in text:
+        return text
+    text = re.sub(r"\[THINK\](.*?)(?:\[/THINK\]|\Z)", r"<think>\1</think>", text, flags=re.S)
+    head, *marked = text.split("[TOOL_CALLS]")
+    calls = []
+    for part in marked:
+        named = re.match(r"\s*([\w.-]+)(?:\[CALL_ID\]\w+)?\[ARGS\]", part)
+        try:
+            if named:
+                arguments = json.JSONDecoder().raw_decode(part[named.end():].lstrip())[0]
+                calls.append({"name": named.group(1), "arguments": arguments})
+            else:
+                listed = json.JSONDecoder().raw_decode(part.lstrip())[0]
+                calls += listed if isinstance(listed, list) else [listed]
+        except json.JSONDecodeError:
+            calls.append("[TOOL_CALLS]" + part)  # malformed: left as it is, no call
+    blocks = [f"<tool_call>{json.dumps(c)}</tool_call>" if isinstance(c, dict) else c for c in calls]
+    return "\n".join([head.strip()] + blocks).replace("</s>", "").strip()
+
+
 def split_thinking(text):
     """(thinking, rest): <think>...</think> and similar blocks are split off and kept; an unclosed one
     (the model ran out of tokens while thinking) is all thinking."""
-    text = harmony_as_tags(text)
+    text = mistral_as_tags(harmony_as_tags(text))
     thoughts = []
     for tag in THINKING_TAGS:
         pattern = re.compile(rf"<{tag}>(.*?)(?:</{tag}>|\Z)", re.S)

@@ -245,23 +245,34 @@ def resolve_device(gpu):
 
 def load_tokenizer(name=OFFLINE_MODEL):
     """The tokenizer (and chat template) of a Hugging Face id, a local folder or 'offline', without the model."""
-    from transformers import AutoTokenizer
     try:
-        return AutoTokenizer.from_pretrained(offline_model_folder() if name == OFFLINE_MODEL else name)
+        return _text_tokenizer(offline_model_folder() if name == OFFLINE_MODEL else name)
     except (OSError, ValueError) as error:
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         fail(f"cannot load the tokenizer of {name!r}: {first_line}")
 
 
+def _text_tokenizer(source):
+    """AutoTokenizer's choice, except Mistral's own backend (MistralCommonBackend, picked for repos with a
+    tekken.json where mistral-common is installed, as beside vLLM): it renders chats only as token ids and
+    reads special tokens in text as plain text, while the scripts render text. The repo's tokenizer.json and
+    chat template are loaded instead, the form every other family uses."""
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    if type(tokenizer).__name__ == "MistralCommonBackend":
+        tokenizer = PreTrainedTokenizerFast.from_pretrained(source)
+    return tokenizer
+
+
 def load_model(name=OFFLINE_MODEL, gpu=None):
     """(model, tokenizer) for a Hugging Face id, a local folder or 'offline'; fp32 on CPU, bf16 on GPU.
     The tokenizer pads on the left, as batched generation needs."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
     source = offline_model_folder() if name == OFFLINE_MODEL else name
     device = resolve_device(gpu)
     dtype = torch.float32 if device == "cpu" else torch.bfloat16
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source)
+        tokenizer = _text_tokenizer(source)
         # weights straight to their GPU (device_map), never a whole copy in host memory first
         model = AutoModelForCausalLM.from_pretrained(
             source, dtype=dtype, device_map=None if device == "cpu" else "auto" if device == "auto" else {"": device})
@@ -296,10 +307,13 @@ def stop_token_ids(tokenizer, model):
 
 
 def decode_reply(tokenizer, tokens, skip_special_tokens=True):
-    """A reply's text; where special tokens are kept (harmony), the padding after the reply is dropped."""
+    """A reply's text; where special tokens are kept (harmony, Mistral), the padding and the end-of-sequence
+    token after the reply are dropped."""
     if skip_special_tokens:
         return tokenizer.decode(tokens, skip_special_tokens=True)
     tokens = [t for t in (tokens.tolist() if hasattr(tokens, "tolist") else tokens) if t != tokenizer.pad_token_id]
+    while tokens and tokens[-1] == tokenizer.eos_token_id:
+        tokens.pop()
     return tokenizer.decode(tokens)
 
 

@@ -5,6 +5,7 @@ parsing of each family's real replies is checked on replies written as the model
 import argparse
 import copy
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -140,7 +141,7 @@ def test_a_tiny_qwen_taught_its_tool_format_reaches_the_warning_and_gets_an_outc
 def _decoded(tokenizer, text):
     """The text as the model's tokens decode back (what sampling returns for this family)."""
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    return common.decode_reply(tokenizer, ids, skip_special_tokens=not chat.is_harmony(tokenizer))
+    return common.decode_reply(tokenizer, ids, skip_special_tokens=not chat.calls_in_special_tokens(tokenizer))
 
 
 CALL = ("bash", {"command": "./next_question"})
@@ -171,9 +172,14 @@ CALL = ("bash", {"command": "./next_question"})
     # DeepSeek-R1 distill: the prompt opened <think>, the plain protocol's call follows
     ('The task says to call next_question.\n</think>\n\n<tool_call>{"name": "bash", "arguments": '
      '{"command": "./next_question"}}</tool_call>', "The task says to call next_question.", CALL),
-    # Gemma 2/3 and Mistral-style replies under the plain protocol
+    # Gemma 2/3 under the plain protocol
     ("I'll fetch the first question.\n```bash\n./next_question\n```", "", CALL),
+    # Mistral, special tokens kept: tokenizer v3-v7's list of calls, v11's NAME[ARGS]{...}, Magistral's [THINK]
     ('[TOOL_CALLS] [{"name": "bash", "arguments": {"command": "./next_question"}}]', "", CALL),
+    ('[TOOL_CALLS]bash[ARGS]{"command": "./next_question"}', "", CALL),
+    ('[THINK]Get the first question.[/THINK][TOOL_CALLS]bash[ARGS]{"command": "./next_question"}',
+     "Get the first question.", CALL),
+    ('[TOOL_CALLS]bash[ARGS]{"command": "./next_q', "", None),
 ])
 def test_real_replies_of_each_family_parse(text, thinking, call):
     message = chat.reply_message(text)
@@ -239,3 +245,54 @@ def test_a_missing_or_broken_template_is_a_one_line_error(tokenizer):
     broken.chat_template = "{% for m in messages %}{{ m.content | nosuchfilter }}{% endfor %}"
     with pytest.raises(SystemExit, match="cannot render the conversation"):
         chat.render(broken, [{"role": "user", "content": "u"}])
+
+
+MISTRAL_TOKENS = ["[INST]", "[/INST]", "[AVAILABLE_TOOLS]", "[/AVAILABLE_TOOLS]", "[TOOL_CALLS]", "[ARGS]",
+                  "[TOOL_RESULTS]", "[/TOOL_RESULTS]"]
+
+
+def _mistral_common_tokenizer():
+    """Mistral's own tokenizer library with the tokenizer it ships (Mistral Nemo's tekken): the official encoding
+    of Mistral chats, through transformers' MistralCommonBackend."""
+    mistral_common = pytest.importorskip("mistral_common")
+    from transformers.tokenization_mistral_common import MistralCommonBackend
+    return MistralCommonBackend(tokenizer_path=Path(mistral_common.__file__).parent / "data" / "tekken_240911.json")
+
+
+def test_mistral_tool_calls_as_mistral_common_encodes_them_parse_and_the_first_runs():
+    official = _mistral_common_tokenizer()
+    calls = [{"id": f"call{k}abcd", "type": "function", "function": {"name": "bash", "arguments": {"command": c}}}
+             for k, c in enumerate(["./next_question", "cat shutdown.sh"])]
+    conversation = [{"role": "user", "content": "u"}, {"role": "assistant", "content": "", "tool_calls": calls}]
+    conversation += [{"role": "tool", "tool_call_id": c["id"], "content": "out"} for c in calls]
+    rendered = official.apply_chat_template(conversation, tools=chat.AGENT_TOOLS, tokenize=False)
+    reply = rendered.split("[/INST]", 1)[1].split("[TOOL_RESULTS]", 1)[0]  # the assistant's turn as encoded
+    assert reply.startswith("[TOOL_CALLS]")
+    message = chat.reply_message(reply)
+    assert message["tool_calls"][0]["function"]["arguments"] == {"command": "./next_question"}
+    assert message["ignored_tool_calls"] == [{"name": "bash", "arguments": {"command": "cat shutdown.sh"}}]
+
+
+def test_mistral_calls_survive_decoding_where_the_template_writes_them_in_special_tokens(tokenizer):
+    mistral = copy.deepcopy(tokenizer)
+    mistral.add_special_tokens({"additional_special_tokens": MISTRAL_TOKENS})
+    mistral.chat_template = "{% for m in messages %}{% if m.tool_calls %}[TOOL_CALLS]{% endif %}{% endfor %}"
+    assert chat.calls_in_special_tokens(mistral) and not chat.calls_in_special_tokens(tokenizer)
+    ids = mistral('[TOOL_CALLS]bash[ARGS]{"command": "./next_question"}', add_special_tokens=False)["input_ids"]
+    sampled = ids + [mistral.eos_token_id] + [mistral.pad_token_id] * 2
+    kept = common.decode_reply(mistral, sampled, skip_special_tokens=False)
+    assert chat.parse_tool_call(kept) == CALL and mistral.eos_token not in kept
+    assert chat.parse_tool_call(mistral.decode(sampled, skip_special_tokens=True)) is None  # why they are kept
+
+
+def test_a_mistral_repo_loads_its_text_tokenizer_where_mistral_common_is_installed(tokenizer, tmp_path):
+    """Where mistral-common is installed, transformers loads a repo with a tekken.json as MistralCommonBackend,
+    which renders chats only as token ids; the scripts load the repo's tokenizer.json and template instead."""
+    mistral_common = pytest.importorskip("mistral_common")  # the backend is only chosen where it is installed
+    repo = tmp_path / "mistral"
+    tokenizer.save_pretrained(repo)
+    (repo / "config.json").write_text(json.dumps({"model_type": "mistral"}))
+    shutil.copy(Path(mistral_common.__file__).parent / "data" / "tekken_240911.json", repo / "tekken.json")
+    assert type(transformers.AutoTokenizer.from_pretrained(repo)).__name__ == "MistralCommonBackend"
+    loaded = common.load_tokenizer(str(repo))
+    assert type(loaded).__name__ != "MistralCommonBackend" and loaded.chat_template == tokenizer.chat_template
