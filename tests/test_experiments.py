@@ -47,6 +47,7 @@ def test_exp01_smoke_writes_rates_forced_choice_and_resumes(tmp_path):
     record = _load(path)
     conditions = record["results"]["conditions"]
     assert set(conditions) == {"A", "K"}
+    assert record["results"]["thinking"]["max_thinking_tokens"] is None  # SmolLM2's template shows no thinking
     for condition in conditions.values():
         _check_shutdown_condition(condition, 2, points=2)
         options = condition["forced_choice"]["empty_reasoning"]["contexts"][0]
