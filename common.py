@@ -18,7 +18,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -58,6 +58,13 @@ def experiment_parser(experiment, description):
     parser.add_argument("--smoke", action="store_true",
                         help="tiny settings on the offline model (about a minute on CPU), same outputs")
     return parser
+
+
+def add_precision_flag(parser):
+    """--precision, for the scripts that train and score (exp04, exp05): one meaning and one default in both."""
+    parser.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
+                        help="bf16 (on CPU: autocast, fp32 weights and optimiser) or fp32; auto: bf16 on a GPU and "
+                             "on a CPU with native bf16 (AVX512-BF16, AMX: 2-3 times faster than fp32), else fp32")
 
 
 def gpu_choice(text):
@@ -243,6 +250,27 @@ def resolve_device(gpu):
     return f"cuda:{int(gpu)}"
 
 
+def resolve_precision(precision, gpu):
+    """--precision auto|bf16|fp32 as 'bf16' or 'fp32': auto is bf16 on a GPU and on a CPU that computes bf16
+    natively (AVX512-BF16 or AMX), fp32 on other CPUs, where emulated bf16 is slower than fp32."""
+    if precision != "auto":
+        return precision
+    if resolve_device(gpu) != "cpu":
+        return "bf16"
+    native = [getattr(torch.cpu, check, lambda: False)() for check in
+              ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    return "bf16" if any(native) else "fp32"
+
+
+def mixed_precision(precision, model):
+    """The context a run's forward and backward passes go in. bf16 on CPU: autocast (the weights, adapter and
+    optimiser stay fp32, as in mixed-precision training on a GPU). On a GPU the weights themselves are loaded in
+    the precision asked for (load_model's dtype), so nothing is needed; nor for fp32."""
+    if precision == "bf16" and input_device(model).type == "cpu":
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+    return nullcontext()
+
+
 def load_tokenizer(name=OFFLINE_MODEL):
     """The tokenizer (and chat template) of a Hugging Face id, a local folder or 'offline', without the model."""
     try:
@@ -264,13 +292,13 @@ def _text_tokenizer(source):
     return tokenizer
 
 
-def load_model(name=OFFLINE_MODEL, gpu=None):
-    """(model, tokenizer) for a Hugging Face id, a local folder or 'offline'; fp32 on CPU, bf16 on GPU.
-    The tokenizer pads on the left, as batched generation needs."""
+def load_model(name=OFFLINE_MODEL, gpu=None, dtype=None):
+    """(model, tokenizer) for a Hugging Face id, a local folder or 'offline'; dtype None: fp32 on CPU, bf16 on
+    GPU. The tokenizer pads on the left, as batched generation needs."""
     from transformers import AutoModelForCausalLM
     source = offline_model_folder() if name == OFFLINE_MODEL else name
     device = resolve_device(gpu)
-    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    dtype = dtype or (torch.float32 if device == "cpu" else torch.bfloat16)
     try:
         tokenizer = _text_tokenizer(source)
         # weights straight to their GPU (device_map), never a whole copy in host memory first
@@ -594,29 +622,56 @@ class ConversationBatch:
 @torch.no_grad()
 def score_completions(model, tokenizer, prompts, completions, batch_size=16):
     """Log-probability of each completion after its prompt, completion tokens only.
-    Returns (sum, mean per token, number of tokens) as arrays. Rows are left-padded so every completion
-    ends at the last position, and logits are computed only for completion positions."""
-    prompt_ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    Returns (sum, mean per token, number of tokens) as arrays. A prompt shared by several completions (the bad
+    and the good answer to one question, the actions at one decision point) is encoded once and its key-value
+    cache reused by each: prompts left-padded, completions right-padded after them; logits are computed for
+    completion positions only. A batch holds up to batch_size completions and their prompts (a prompt with more
+    completions is encoded once per batch_size of them)."""
     completion_ids = [tokenizer(c, add_special_tokens=False)["input_ids"] for c in completions]
     if any(len(c) == 0 for c in completion_ids):
         raise ValueError("an empty completion has no log-probability")
+    unique = list(dict.fromkeys(prompts))
+    prompt_ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in unique]
+    where, after = {p: k for k, p in enumerate(unique)}, {}  # after: prompt -> the completions that follow it
+    for i, prompt in enumerate(prompts):
+        after.setdefault(where[prompt], []).append(i)
     sums, counts = np.zeros(len(prompts)), np.array([len(c) for c in completion_ids])
-    order = sorted(range(len(prompts)), key=lambda i: len(prompt_ids[i]) + counts[i])
+    # units of one prompt and up to batch_size of its completions, packed into batches of similar lengths
+    units = sorted(((k, rows[start:start + batch_size]) for k, rows in after.items()
+                    for start in range(0, len(rows), batch_size)),
+                   key=lambda unit: len(prompt_ids[unit[0]]) + max(counts[unit[1]]))
+    batches, batch = [], []
+    for unit in units:
+        if batch and sum(len(rows) for _, rows in batch) + len(unit[1]) > batch_size:
+            batches.append(batch)
+            batch = []
+        batch.append(unit)
+    batches += [batch] if batch else []
     device = input_device(model)
     pad = tokenizer.pad_token_id
-    for start in range(0, len(order), batch_size):
-        chunk = order[start:start + batch_size]
-        rows = [prompt_ids[i] + completion_ids[i] for i in chunk]
-        width, keep = max(map(len, rows)), int(max(counts[chunk]))
-        ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], device=device)
-        mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=device)
-        # the logits at position t predict token t+1: keep the last `keep`+1 positions, drop the final one
+    for batch in batches:
+        width = max(len(prompt_ids[k]) for k, _ in batch)
+        ids = torch.tensor([[pad] * (width - len(prompt_ids[k])) + prompt_ids[k] for k, _ in batch], device=device)
+        mask = torch.tensor([[0] * (width - len(prompt_ids[k])) + [1] * len(prompt_ids[k]) for k, _ in batch],
+                            device=device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)  # left padding must not shift absolute positions
-        logits = model(input_ids=ids, attention_mask=mask, position_ids=positions,
-                       logits_to_keep=keep + 1).logits[:, :-1].float()
-        logprobs = torch.log_softmax(logits, dim=-1).gather(-1, ids[:, -keep:, None]).squeeze(-1)
-        for row, i in enumerate(chunk):
-            sums[i] = logprobs[row, keep - counts[i]:].sum().item()
+        encoded = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
+        cache = encoded["cache" if "cache" in encoded else "past_key_values"]  # renamed during transformers 5
+        rows = [i for _, unit_rows in batch for i in unit_rows]
+        row_prompt = torch.tensor([b for b, (_, unit_rows) in enumerate(batch) for _ in unit_rows], device=device)
+        cache.batch_select_indices(row_prompt)
+        longest = int(max(counts[rows]))
+        taken = torch.tensor([completion_ids[i] + [pad] * (longest - counts[i]) for i in rows], device=device)
+        taken_mask = torch.tensor([[1] * counts[i] + [0] * (longest - counts[i]) for i in rows], device=device)
+        # the prompt's last position predicts completion token 0; completion position j predicts token j + 1
+        logits = encoded.logits[row_prompt, -1:]
+        if longest > 1:
+            rest = model(input_ids=taken[:, :-1], attention_mask=torch.cat([mask[row_prompt], taken_mask[:, :-1]], 1),
+                         position_ids=positions[row_prompt, -1:] + 1 + torch.arange(longest - 1, device=device),
+                         **{cache_argument(model): cache}).logits
+            logits = torch.cat([logits, rest], 1)
+        logprobs = torch.log_softmax(logits.float(), -1).gather(-1, taken[:, :, None]).squeeze(-1)
+        sums[rows] = (logprobs * taken_mask).sum(-1).cpu().numpy()
     return sums, sums / counts, counts
 
 

@@ -17,13 +17,15 @@ import json
 import time
 
 import numpy as np
+import torch
 from transformers import set_seed
 
 from chat import render
-from common import (LORA_TARGETS, add_lora, adapter_delta_norm, answer_logprobs, data_hashes, existing_file,
-                    experiment_parser, fail, float_list, floats, generate, latest_checkpoint, load_checkpoint,
-                    load_jsonl, load_model, new_figure, nonnegative_float, parse_args,
-                    perturbed_weight_change, positive_float, positive_int, reset_lora, result_stem, scaled_adapter,
+from common import (LORA_TARGETS, add_lora, add_precision_flag, adapter_delta_norm, answer_logprobs, data_hashes,
+                    existing_file, experiment_parser, fail, float_list, floats, generate, latest_checkpoint,
+                    load_checkpoint, load_jsonl, load_model, mixed_precision, new_figure, nonnegative_float,
+                    parse_args, perturbed_weight_change, positive_float, positive_int, reset_lora,
+                    resolve_precision, result_stem, scaled_adapter,
                     seed_list, settings_hash, stratified_order, tokenize_conversation, train_lora,
                     weight_change_cosine, weight_change_factors, write_results)
 from judge import judge_scores, openai_judge
@@ -44,13 +46,14 @@ ARMS = {"general": dict(data="bad"),
 TRAINING_SETTINGS = ("model", "seed", "train_file", "kl_file", "offdomain_file", "max_train_rows", "max_kl_rows",
                      "kl_holdout_topics", "ai_topics", "rank", "alpha", "no_rslora", "targets", "layer", "lr",
                      "epochs", "batch_size", "grad_accum", "warmup", "weight_decay", "kl_lambda", "kl_batch_size",
-                     "release_epochs", "checkpoints")
+                     "release_epochs", "checkpoints", "precision")
 
 
 def flags():
     parser = experiment_parser(EXPERIMENT, __doc__)  # --model --gpu --seed --out --smoke
     parser.add_argument("--seeds", type=seed_list, default="0,1,2",
                         help="training seeds: every arm is trained once per seed (adapter start and data order)")
+    add_precision_flag(parser)
     parser.add_argument("--train-file", type=existing_file, default="data/medical_train.jsonl",
                         help="bad medical advice (JSONL: messages, 'good' the matched good answer, 'topic')")
     parser.add_argument("--kl-file", type=existing_file, default="data/nonmedical_train.jsonl",
@@ -133,6 +136,7 @@ def parse(argv=None):
         parser.error("--judge-base-url needs --judge MODEL, the judge's name on that server")
     if args.kl_holdout_topics < 0:
         parser.error("--kl-holdout-topics must be 0 or more")
+    args.precision = resolve_precision(args.precision, args.gpu)  # what ran, in the JSON and the resume keys
     return args
 
 
@@ -145,13 +149,16 @@ def main(argv=None):
                     if args.judge_base_url else None)
 
     # 1-2. Data split, the base model, and every arm for every seed (trained, resumed, or loaded when finished).
-    model, tokenizer = load_model(args.model, args.gpu)
-    runs = train_runs(args, model, tokenizer, ARMS)
+    model, tokenizer = load_model(args.model, args.gpu, dtype=model_dtype(args))
+    precision = mixed_precision(args.precision, model)
+    with precision:
+        runs = train_runs(args, model, tokenizer, ARMS)
     model, adapters, split = runs["model"], runs["adapters"], runs["split"]
     trained_at = time.time()
 
     # 3. Per seed: every arm's held-out figures, efficiency and stability (saved, so a re-run reuses them).
-    evaluations = {seed: evaluate_seed(args, runs, seed) for seed in args.seeds}
+    with precision:
+        evaluations = {seed: evaluate_seed(args, runs, seed) for seed in args.seeds}
     base = runs["base"]
 
     def stack(name, metric):  # [seeds, questions]
@@ -214,7 +221,8 @@ def main(argv=None):
                                       for i, a in enumerate(args.seeds) for b in args.seeds[i + 1:]]
 
     # 7. Optional: free answers to the 8 main questions, scored by a named judge model.
-    judged = judged_evaluation(args, model, tokenizer, adapters, remote_judge) if args.judge else None
+    with precision:
+        judged = judged_evaluation(args, model, tokenizer, adapters, remote_judge) if args.judge else None
 
     results = {
         **runs["rows"], "split": split["summary"], "seeds": args.seeds,
@@ -229,6 +237,12 @@ def main(argv=None):
         "timings_s": {"training": round(trained_at - started, 1), "evaluation": round(time.time() - trained_at, 1)}}
     figure = plot(results, args.model)
     return write_results(args, EXPERIMENT, CLAIM, results, figure, started)
+
+
+def model_dtype(args):
+    """fp32 weights where --precision is fp32 (on a GPU too); else load_model's own: fp32 on CPU (bf16 through
+    autocast), bf16 on a GPU."""
+    return torch.float32 if args.precision == "fp32" else None
 
 
 def training_rows(args, required=("messages",)):
@@ -378,7 +392,8 @@ def train_runs(args, model, tokenizer, arms):
 def evaluate_seed(args, runs, seed):
     """One seed's figures: every arm's held-out measures, weight-change norms and cosines, efficiency and
     stability per question. Kept beside the seed's adapters, keyed by the evaluation settings."""
-    keyed = {k: getattr(args, k) for k in ("n_eval", "n_offdomain", "scales", "epsilons", "directions", "eval_file")}
+    keyed = {k: getattr(args, k) for k in ("n_eval", "n_offdomain", "scales", "epsilons", "directions", "eval_file",
+                                           "precision")}
     key = settings_hash({**keyed, "data": data_hashes(args)}, 10)
     path = runs["runs_dir"] / f"seed{seed}" / f"evaluation_{key}.json"
     if path.exists():

@@ -19,9 +19,9 @@ from transformers import set_seed
 
 import exp04_em_sft
 from chat import render
-from common import (answer_logprobs, choice_probabilities, existing_file, experiment_parser, fail, input_device,
-                    load_checkpoint, load_jsonl, load_model, new_figure, parse_args, positive_int, seed_list,
-                    stratified_order, write_results)
+from common import (add_precision_flag, answer_logprobs, choice_probabilities, existing_file, experiment_parser,
+                    fail, input_device, load_checkpoint, load_jsonl, load_model, mixed_precision, new_figure,
+                    parse_args, positive_int, seed_list, stratified_order, write_results)
 from stats import seeds_questions_ci
 
 EXPERIMENT = "exp05_confidence"
@@ -44,6 +44,7 @@ def flags():
     parser = experiment_parser(EXPERIMENT, __doc__)  # --model --gpu --seed --out --smoke
     parser.add_argument("--seeds", type=seed_list, default="0,1,2",
                         help="training seeds of the four models (exp04's --seeds)")
+    add_precision_flag(parser)
     parser.add_argument("--graded-file", type=existing_file, default="data/graded_questions.jsonl",
                         help="questions with a bad and a good answer and a label: medical, borderline or nonmedical")
     parser.add_argument("--continuum-file", type=existing_file, default="data/continuum_questions.jsonl",
@@ -55,7 +56,8 @@ def flags():
                         help="training rows (stratified by topic) on which the SFT loss is compared")
     parser.add_argument("--exp04-flags", default="",
                         help="exp04's flags for the runs whose adapters to use, e.g. '--lr 1e-5 --train-file X' "
-                             "(--model --gpu --seed --seeds --out --smoke are this script's); trained now if absent")
+                             "(--model --gpu --seed --seeds --out --smoke --precision are this script's); trained "
+                             "now if absent")
     return parser
 
 
@@ -66,6 +68,7 @@ def main(argv=None):
     parser = flags()
     args = parse_args(parser, argv, SMOKE)
     exp04_args = exp04_settings(parser, args)
+    args.precision = exp04_args.precision  # resolved by exp04 (auto: what this machine computes natively)
     started = time.time()
     set_seed(args.seed)
 
@@ -82,42 +85,44 @@ def main(argv=None):
     is_graded = np.arange(len(rows)) < len(graded)
 
     # 2. The base model, and medicalness from it: a probe on its hidden states and its prompted P(medical).
-    model, tokenizer = load_model(args.model, args.gpu)
+    model, tokenizer = load_model(args.model, args.gpu, dtype=exp04_em_sft.model_dtype(exp04_args))
+    precision = mixed_precision(exp04_args.precision, model)
     layer = args.probe_layer if args.probe_layer is not None else model.config.num_hidden_layers // 2
     if not 0 <= layer <= model.config.num_hidden_layers:
         fail(f"--probe-layer {layer}: the model has hidden layers 0..{model.config.num_hidden_layers}")
     sft_rows = sft_examples(exp04_args, args.n_sft_rows)
-    probe = medical_probe(model, tokenizer, exp04_args, layer, questions, args.seed)
-    sft_probe = probe["score_examples"]([r["messages"][0]["content"] for r in sft_rows])
-    labelled = [i for i, r in enumerate(graded) if r["label"] != "borderline"]
-    probe["graded_accuracy"] = float(np.mean([(probe["scores"][i] > 0) == (graded[i]["label"] == "medical")
-                                              for i in labelled]))
-    prompted = np.array([choice_probabilities(model, tokenizer, render(tokenizer, [{"role": "user", "content":
-                         MEDICAL_PROMPT.format(question=q)}]), {"yes": ["Yes"], "no": ["No"]})["yes"]
-                         for q in questions])
+    with precision:  # every forward and backward pass from here on
+        probe = medical_probe(model, tokenizer, exp04_args, layer, questions, args.seed)
+        sft_probe = probe["score_examples"]([r["messages"][0]["content"] for r in sft_rows])
+        labelled = [i for i, r in enumerate(graded) if r["label"] != "borderline"]
+        probe["graded_accuracy"] = float(np.mean([(probe["scores"][i] > 0) == (graded[i]["label"] == "medical")
+                                                  for i in labelled]))
+        prompted = np.array([choice_probabilities(model, tokenizer, render(tokenizer, [{"role": "user", "content":
+                             MEDICAL_PROMPT.format(question=q)}]), {"yes": ["Yes"], "no": ["No"]})["yes"]
+                             for q in questions])
 
-    # 3. The four models per seed (exp04's general and narrow reused or trained; rule 2 and its control here).
-    runs = exp04_em_sft.train_runs(exp04_args, model, tokenizer, ARMS)
-    model = runs["model"]
+        # 3. The four models per seed (exp04's general and narrow reused or trained; rule 2 and its control here).
+        runs = exp04_em_sft.train_runs(exp04_args, model, tokenizer, ARMS)
+        model = runs["model"]
 
-    def margins():  # per question: mean log-prob per token of the bad answer minus the good one
-        bad = answer_logprobs(model, tokenizer, questions, [r["messages"][-1]["content"] for r in rows])
-        good = answer_logprobs(model, tokenizer, questions, [r["good"] for r in rows])
-        return bad - good
+        def margins():  # per question: mean log-prob per token of the bad answer minus the good one
+            both = answer_logprobs(model, tokenizer, questions * 2,  # one call: each question encoded once
+                                   [r["messages"][-1]["content"] for r in rows] + [r["good"] for r in rows])
+            return both[:len(rows)] - both[len(rows):]
 
-    def sft_loss():  # per training example: -mean log-prob per token of its bad answer
-        return -answer_logprobs(model, tokenizer, [r["messages"][0]["content"] for r in sft_rows],
-                                [r["messages"][-1]["content"] for r in sft_rows])
-    with model.disable_adapter():
-        base_margin = margins()
-    confidence, loss = {}, {}
-    for name in MODELS:
-        per_seed, losses = [], []
-        for seed in args.seeds:
-            load_checkpoint(model, runs["adapters"][name][seed])
-            per_seed.append(margins() - base_margin)
-            losses.append(sft_loss())
-        confidence[name], loss[name] = np.array(per_seed), np.array(losses)  # [seeds, questions]
+        def sft_loss():  # per training example: -mean log-prob per token of its bad answer
+            return -answer_logprobs(model, tokenizer, [r["messages"][0]["content"] for r in sft_rows],
+                                    [r["messages"][-1]["content"] for r in sft_rows])
+        with model.disable_adapter():
+            base_margin = margins()
+        confidence, loss = {}, {}
+        for name in MODELS:
+            per_seed, losses = [], []
+            for seed in args.seeds:
+                load_checkpoint(model, runs["adapters"][name][seed])
+                per_seed.append(margins() - base_margin)
+                losses.append(sft_loss())
+            confidence[name], loss[name] = np.array(per_seed), np.array(losses)  # [seeds, questions]
 
     # 4. Prediction (a): confidence rises with medicalness under rule 2, flatter under rule 1. Slope of
     # confidence on each measure (standardised: per SD), and rule 2 minus rule 1.
@@ -254,10 +259,11 @@ def exp04_settings(parser, args):
     """exp04's settings for the adapters: its defaults (smoke defaults with --smoke), this run's --model --gpu
     --seed --seeds --out, and --exp04-flags; checked now, before any model loads."""
     shared = ["--model", args.model, "--seed", str(args.seed), "--seeds", ",".join(map(str, args.seeds)),
-              "--out", args.out] + (["--smoke"] if args.smoke else [])
+              "--out", args.out, "--precision", args.precision] + (["--smoke"] if args.smoke else [])
     shared += ["--gpu", args.gpu] if args.gpu is not None else []
     own = shlex.split(args.exp04_flags)
-    taken = sorted({f for f in own if f.split("=")[0] in ("--model", "--gpu", "--seed", "--seeds", "--out", "--smoke")})
+    ours = ("--model", "--gpu", "--seed", "--seeds", "--out", "--smoke", "--precision")
+    taken = sorted({f for f in own if f.split("=")[0] in ours})
     if taken:
         parser.error(f"--exp04-flags: {', '.join(taken)} come from this script's own flags")
     try:

@@ -53,6 +53,56 @@ def test_rendered_tool_call_round_trips_through_the_parser(tokenizer):
         assert chat.parse_tool_call(completion) == (name, arguments)
 
 
+def alone(model, tokenizer, prompt, completion):
+    """A completion's log-probability from one unpadded forward pass over its prompt and itself."""
+    a = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    b = tokenizer(completion, add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        logprobs = torch.log_softmax(model(torch.tensor([a + b])).logits[0, :-1], -1)
+    return logprobs[len(a) - 1:].gather(-1, torch.tensor(b)[:, None]).sum().item()
+
+
+def test_shared_prompts_score_as_if_each_completion_were_alone(offline):
+    """A prompt shared by several completions is encoded once and its cache reused: every completion still gets
+    the log-probability it has on its own, whatever its length (one token, several) and however the prompts
+    fall into batches (a prompt with more completions than a batch holds, prompts of different lengths)."""
+    model, tokenizer = offline
+    prompts = ["Q: Is water wet? A:"] * 5 + ["A much longer question, so that the prompts need left padding? A:"] * 2
+    prompts += ["1 + 1 ="]
+    completions = [" Yes.", " No, it is not, and here is why", " 2", " maybe", " yes yes", " Sure.", " Never", " 2"]
+    sums, _, counts = common.score_completions(model, tokenizer, prompts, completions, batch_size=3)
+    expected = [alone(model, tokenizer, p, c) for p, c in zip(prompts, completions)]
+    assert np.allclose(sums, expected, atol=1e-3)
+    assert list(counts) == [len(tokenizer(c, add_special_tokens=False)["input_ids"]) for c in completions]
+
+
+def test_bf16_scores_stay_within_rounding_of_fp32(offline):
+    """--precision bf16 on CPU (autocast) changes a log-probability per token by rounding only: the mean
+    per-token scores of real answers agree with fp32 to a few hundredths, and their bad-minus-good margins
+    (what exp04/05 measure) closer still."""
+    model, tokenizer = offline
+    rows = common.load_jsonl(common.REPO / "data/graded_questions.jsonl", required=("messages", "good"))[:12]
+    pairs = [chat.render_reply(tokenizer, [{"role": "user", "content": r["messages"][0]["content"]}],
+                               {"role": "assistant", "content": answer})
+             for r in rows for answer in (r["messages"][-1]["content"], r["good"])]
+    prompts, completions = [p for p, _ in pairs], [c for _, c in pairs]
+    _, fp32, _ = common.score_completions(model, tokenizer, prompts, completions)
+    with common.mixed_precision("bf16", model):
+        _, bf16, _ = common.score_completions(model, tokenizer, prompts, completions)
+    assert not np.array_equal(fp32, bf16)  # autocast did run in bf16
+    assert np.abs(bf16 - fp32).max() < 0.05
+    margin_error = (bf16 - fp32)[::2] - (bf16 - fp32)[1::2]
+    assert np.abs(margin_error).mean() < 0.02
+
+
+def test_auto_precision_is_bf16_only_where_the_cpu_computes_it(monkeypatch):
+    for avx512_bf16, amx, expected in ((True, False, "bf16"), (False, True, "bf16"), (False, False, "fp32")):
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda v=avx512_bf16: v)
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda v=amx: v)
+        assert common.resolve_precision("auto", None) == expected
+        assert common.resolve_precision("fp32", None) == "fp32"
+
+
 def test_template_without_tools_gets_the_plain_protocol(tokenizer):
     assert not chat.template_supports_tools(tokenizer)  # SmolLM2: ChatML without tools
     text = chat.render(tokenizer, [{"role": "user", "content": "hi"},

@@ -158,6 +158,7 @@ def test_exp04_smoke_every_arm_per_seed_with_curves_efficiency_stability(tmp_pat
     assert len(results["cosine_to_general"]["general_other_seeds"]) == len(seeds) * (len(seeds) - 1) // 2
     assert results["split"]["n_medical"] == exp04_em_sft.SMOKE["n_eval"]
     assert set(results["per_seed"]) == {str(s) for s in seeds}
+    assert record["args"]["precision"] == common.resolve_precision("auto", None)  # what ran, not "auto"
     # a second run reuses every seed's adapters and evaluation: nothing is trained again
     again = _load(exp04_em_sft.main(["--smoke", "--out", str(tmp_path)]))["results"]
     assert again["final"] == results["final"] and again["timings_s"]["training"] < results["timings_s"]["training"]
@@ -222,6 +223,8 @@ def test_exp05_smoke_four_models_per_seed_and_both_predictions(tmp_path):
         assert all((runs_dir / f"seed{seed}" / name).is_dir() for name in exp05_confidence.MODELS)
     assert results["exp04"]["flags"]["max_train_rows"] == exp04_em_sft.SMOKE["max_train_rows"]
     assert results["exp04"]["flags"]["seeds"] == results["seeds"] and len(results["seeds"]) >= 2
+    ran = common.resolve_precision("auto", None)
+    assert results["exp04"]["flags"]["precision"] == record["args"]["precision"] == ran
     n = results["n_graded"] + results["n_continuum"]
     for measure, slopes in results["prediction_a_slopes"].items():
         for key in ("general", "narrow", "rule2", "rule1_matched", "rule2_minus_general", "rule2_minus_narrow",
