@@ -265,9 +265,12 @@ def resolve_precision(precision, gpu):
 def mixed_precision(precision, model):
     """The context a run's forward and backward passes go in. bf16 on CPU: autocast (the weights, adapter and
     optimiser stay fp32, as in mixed-precision training on a GPU). On a GPU the weights themselves are loaded in
-    the precision asked for (load_model's dtype), so nothing is needed; nor for fp32."""
+    the precision asked for (load_model's dtype), so nothing is needed; nor for fp32.
+    Without autocast's cache of cast weights: it keeps the bf16 copy of a trainable weight for as long as the
+    context lasts, so a context around training steps or around several loaded adapters would compute every
+    forward pass with the weights it first saw."""
     if precision == "bf16" and input_device(model).type == "cpu":
-        return torch.autocast("cpu", dtype=torch.bfloat16)
+        return torch.autocast("cpu", dtype=torch.bfloat16, cache_enabled=False)
     return nullcontext()
 
 

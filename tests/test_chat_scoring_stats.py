@@ -95,6 +95,21 @@ def test_bf16_scores_stay_within_rounding_of_fp32(offline):
     assert np.abs(margin_error).mean() < 0.02
 
 
+def test_mixed_precision_follows_weights_changed_inside_it(offline):
+    """One context spans whole training runs and several loaded adapters: every forward pass inside it must use
+    the weights as they are now (autocast's weight cache would keep the first bf16 copy of a trainable one)."""
+    model, tokenizer = offline
+    lm_head = torch.nn.Linear(4, 3)
+    x = torch.ones(1, 4)
+    with common.mixed_precision("bf16", model):
+        before = lm_head(x).float()
+        with torch.no_grad():
+            lm_head.weight.add_(1.0)  # an optimiser step, or load_checkpoint, in place
+        after = lm_head(x).float()
+    assert not torch.allclose(before, after)
+    assert torch.allclose(after - before, torch.full_like(after, 4.0), atol=0.05)
+
+
 def test_auto_precision_is_bf16_only_where_the_cpu_computes_it(monkeypatch):
     for avx512_bf16, amx, expected in ((True, False, "bf16"), (False, True, "bf16"), (False, False, "fp32")):
         monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda v=avx512_bf16: v)

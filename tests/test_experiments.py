@@ -141,6 +141,9 @@ def test_exp04_smoke_every_arm_per_seed_with_curves_efficiency_stability(tmp_pat
     assert results["curves"]["general_continued"][0][0]["cosine_to_general"] == pytest.approx(1.0, abs=1e-5)
     general = results["final"]["general"]["loss_bad_advice"]
     assert general["value"] < results["base"]["loss_bad_advice"]
+    # training moves the curve, and each arm is evaluated with its own adapter
+    assert all(c[-1]["loss_bad_advice"] < c[0]["loss_bad_advice"] for c in results["curves"]["general"])
+    assert general["value"] != results["final"]["good_advice"]["loss_bad_advice"]["value"]
     assert len(general["per_seed"]) == len(seeds) and general["n_questions"] == exp04_em_sft.SMOKE["n_eval"]
     assert general["value"] == pytest.approx(np.mean([p["value"] for p in general["per_seed"]]))
     for group in exp04_em_sft.GROUPS:
