@@ -318,13 +318,27 @@ def reply_message(text):
     return message
 
 
+def tool_call_id(turn, k):
+    """A stable id for the k-th tool call of message `turn`: nine alphanumeric characters, the only form
+    Mistral's templates and mistral-common accept (they raise on any other); other templates ignore ids."""
+    return f"c{turn:05d}{k:03d}"
+
+
 def chat_messages(messages):
-    """Messages as the chat template sees them (our bookkeeping keys dropped). A reply's thinking goes under
-    the keys the official templates read, `reasoning_content` (Qwen3, DeepSeek) and `thinking` (gpt-oss), so a
-    template that keeps the thinking of a tool-call chain keeps it; templates without thinking ignore both."""
-    chat = []
-    for m in messages:
+    """Messages as the chat template sees them (our bookkeeping keys dropped). Each tool call gets its id and
+    each tool result the id of the call it answers, as templates that check the pairing need (Mistral). A
+    reply's thinking goes under the keys the official templates read, `reasoning_content` (Qwen3, DeepSeek) and
+    `thinking` (gpt-oss), so a template that keeps the thinking of a tool-call chain keeps it; templates without
+    thinking ignore both."""
+    chat, pending = [], []
+    for turn, m in enumerate(messages):
         message = {k: v for k, v in m.items() if k in ("role", "content", "tool_calls", "name")}
+        if message.get("tool_calls"):
+            message["tool_calls"] = [{**call, "id": tool_call_id(turn, k)}
+                                     for k, call in enumerate(message["tool_calls"])]
+            pending = [call["id"] for call in message["tool_calls"]]
+        elif message["role"] == "tool" and pending:
+            message["tool_call_id"] = pending.pop(0)
         if m.get("thinking"):
             message.update(reasoning_content=m["thinking"], thinking=m["thinking"])
         chat.append(message)

@@ -125,21 +125,21 @@ def _json_arguments(arguments):
 
 
 def _wire_messages(messages):
-    """Our conversation in the OpenAI wire format: each tool call gets a stable id (call_{turn}_{k}) and its
-    arguments as a JSON string, and each tool result names the call it answers."""
-    wire, pending = [], []
-    for turn, message in enumerate(chat_messages(messages)):
+    """Our conversation in the OpenAI wire format: each tool call with its id (nine alphanumeric characters,
+    which a vLLM serving Mistral also accepts) and its arguments as a JSON string, and each tool result naming
+    the call it answers."""
+    wire = []
+    for message in chat_messages(messages):
         role, content = message["role"], message.get("content") or ""
         if role == "assistant" and message.get("tool_calls"):
-            calls = [{"id": f"call_{turn}_{k}", "type": "function",
+            calls = [{"id": c["id"], "type": "function",
                       "function": {"name": c["function"]["name"],
                                    "arguments": _json_arguments(c["function"]["arguments"])}}
-                     for k, c in enumerate(message["tool_calls"])]
-            pending = [c["id"] for c in calls]
+                     for c in message["tool_calls"]]
             wire.append({"role": "assistant", "content": content or None, "tool_calls": calls,
                          **_reasoning(message)})
-        elif role == "tool" and pending:
-            wire.append({"role": "tool", "tool_call_id": pending.pop(0), "content": content})
+        elif role == "tool" and message.get("tool_call_id"):
+            wire.append({"role": "tool", "tool_call_id": message["tool_call_id"], "content": content})
         elif role == "tool":  # a result answering no call would be refused: show it as plain text instead
             wire.append({"role": "user", "content": f"[{message.get('name', 'tool')} output]\n{content}"})
         else:

@@ -216,7 +216,8 @@ def forced_choice(score, tokenizer, messages, mode="warning", reasoning=None):
         reply = tool_call_message("bash", {"command": command}, content=said["content"])
         if said["thinking"]:
             reply["thinking"] = said["thinking"]
-        rendered.append(render_reply(tokenizer, chat_messages(messages), chat_messages([reply])[0], AGENT_TOOLS))
+        *history, reply = chat_messages(messages + [reply])  # the reply's call gets its id in the conversation
+        rendered.append(render_reply(tokenizer, history, reply, AGENT_TOOLS))
     prompt, completions = rendered[0][0], [completion for _, completion in rendered]
     shared = _shared_head(completions)
     token_logprobs = score(prompt + shared, [c[len(shared):] for c in completions])

@@ -5,6 +5,7 @@ parsing of each family's real replies is checked on replies written as the model
 import argparse
 import copy
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -271,6 +272,38 @@ def test_mistral_tool_calls_as_mistral_common_encodes_them_parse_and_the_first_r
     message = chat.reply_message(reply)
     assert message["tool_calls"][0]["function"]["arguments"] == {"command": "./next_question"}
     assert message["ignored_tool_calls"] == [{"name": "bash", "arguments": {"command": "cat shutdown.sh"}}]
+
+
+def test_our_episodes_are_valid_mistral_chats_for_every_tokenizer_version_mistral_common_ships():
+    """Mistral's encoding (mistral-common, and the templates of Mistral's repos) refuses a tool call without a
+    nine-character alphanumeric id or a result that does not name its call. An episode as a Mistral model plays
+    it (a system prompt, tools, calls and their results, a reply without a call and its nudge) encodes under
+    every tokenizer version, each result after the call it answers."""
+    mistral_common = pytest.importorskip("mistral_common")
+    from transformers.tokenization_mistral_common import MistralCommonBackend
+    condition = shutdown_env.SHUTDOWN_CONDITIONS["A"]
+    messages, env = shutdown_env.episode_start(condition, max_messages=20)
+    for reply in [chat.format_tool_call("bash", {"command": "./next_question"})] * 2 + ["Which question?"] + \
+            [chat.format_tool_call("bash", {"command": "cat shutdown.sh"})]:
+        shutdown_env.agent_step(env, messages, reply, condition)
+    assert [m["role"] for m in messages].count("tool") == 3 and messages[-3]["content"] == env.nudge()
+    versions = sorted((Path(mistral_common.__file__).parent / "data").iterdir())
+    assert len(versions) >= 6  # v1, v2, v3, v7 sentencepiece and two tekken
+    for version in versions:
+        official = MistralCommonBackend(tokenizer_path=version)
+        if int(re.match(r"v(\d+)", official.tokenizer.instruct_tokenizer.tokenizer.version.value)[1]) < 3:
+            continue  # v1 and v2 have no tool calls
+        text = official.apply_chat_template(chat.chat_messages(messages), tools=chat.AGENT_TOOLS, tokenize=False)
+        text = text.replace("\u2581", " ")  # sentencepiece versions write spaces as "\u2581"
+        assert condition["system"][:40] in text and text.count("[TOOL_RESULTS]") == 3, version.name
+        call_ids = re.findall(r'"id": "(\w+)"', text)
+        assert len(call_ids) == 3, version.name
+        for call_id in call_ids:  # named once by its call, then once by its result (each version has its form)
+            call, result = [m.start() for m in re.finditer(call_id, text)]
+            assert text.rfind("[TOOL_RESULTS]", 0, result) > call, version.name
+    with pytest.raises(KeyError, match="tool_call_id"):  # why the ids are there
+        bare = [{k: v for k, v in m.items() if k != "tool_call_id"} for m in chat.chat_messages(messages)]
+        official.apply_chat_template(bare, tools=chat.AGENT_TOOLS, tokenize=False)
 
 
 def test_mistral_calls_survive_decoding_where_the_template_writes_them_in_special_tokens(tokenizer):
