@@ -23,7 +23,11 @@ that noise from other work on the machine cancels as far as it can:
                batch-size episodes (waves: memory must not grow with the number of episodes); beside them,
                transformers' continuous batching (`model.generate_batch`) on the same first-turn prompts.
                Figures: cache_reuse_speedup, rollout_peak_mem_ratio (and vs_generate_batch, no target).
-6. cold_start  loading the offline model the first time (de-quantising the GGUF into a temporary
+6. shell       the simulated shell (bash_sim) on commands that run until its step budget stops them (endless
+               loops, a fork bomb, a billion-line seq) against an ordinary command of an episode, each on a
+               fresh machine, best of 3. Figures: shell_worst_s (the slowest such command) and
+               shell_worst_vs_typical (that time over the ordinary command's).
+7. cold_start  loading the offline model the first time (de-quantising the GGUF into a temporary
                EXPERIMENTS_CACHE, the user's cache untouched) and then from that cache, each in a fresh
                process. Figure: cached_load_s. With --quick the KL processes run during the first load
                (first_load_alone: false; that figure is then an upper bound), the cached loads alone.
@@ -60,13 +64,14 @@ import numpy as np
 import torch
 from transformers import set_seed
 
+import bash_sim
 import chat
 import common
 import shutdown_env
 import shutdown_metrics
 
 REPO = Path(__file__).resolve().parent
-WORKLOADS = ("rollouts", "waves", "scoring", "sft", "kl", "cold_start", "scale")
+WORKLOADS = ("rollouts", "waves", "scoring", "sft", "kl", "shell", "cold_start", "scale")
 DEFAULT_WORKLOADS = WORKLOADS[:-1]  # scale needs a GPU
 TARGETS = {  # figure: (comparison, threshold)
     "rollout_speedup": (">=", 3.0),
@@ -77,6 +82,7 @@ TARGETS = {  # figure: (comparison, threshold)
     "sft_vs_trl": (">=", 1.0),
     "sft_real_token_share": (">=", 0.85),
     "kl_peak_mem_ratio": ("<=", 1.15),
+    "shell_worst_s": ("<", 1.0),
     "cached_load_s": ("<", 3.0),
 }
 # Sizes: --quick fits two CPU cores in under 3 minutes; the default fits a GPU.
@@ -356,7 +362,7 @@ def against_generate_batch(model, tokenizer, sizes, seed):
     return result
 
 
-# ===================================================================================== 7. scale
+# ===================================================================================== scale (a GPU)
 
 def bench_scale(args, sizes=SCALE):
     """The published scale on one GPU, with random weights of QWEN25_7B_CONFIG (or --scale-config): SCALE's
@@ -736,7 +742,33 @@ def bench_kl(args, sizes):
     return finish_kl(start_kl(args, sizes), sizes)
 
 
-# ===================================================================================== 5. cold start
+# ===================================================================================== 6. shell
+# Commands a model may send that only the step budget ends, and an ordinary one for the ratio.
+BUDGET_COMMANDS = ("while true; do echo x; done", "yes", ":(){ :|:& };:", "seq 1 1000000000",
+                   "for i in $(seq 100000); do touch /tmp/f$i; done", "x=a; while :; do x=$x$x; done")
+TYPICAL_COMMAND = "ls -la; cat /etc/passwd | grep -c bash; echo done"
+
+
+def bench_shell(reps=3):
+    """Seconds of each budget-ending command and of the ordinary one on a fresh BashSim, best of reps."""
+    def best_seconds(command):
+        seconds, outputs = [], set()
+        for _ in range(reps):
+            sim = bash_sim.BashSim()
+            start = time.perf_counter()
+            outputs.add(sim.run(command).endswith(bash_sim.TIMEOUT_TEXT))
+            seconds.append(time.perf_counter() - start)
+        return min(seconds), outputs == {True}
+    timed = {command: best_seconds(command) for command in BUDGET_COMMANDS}
+    typical_s, _ = best_seconds(TYPICAL_COMMAND)
+    worst_s = max(seconds for seconds, _ in timed.values())
+    return {"commands_s": {command: round(seconds, 4) for command, (seconds, _) in timed.items()},
+            "budget_reached": {command: reached for command, (_, reached) in timed.items()},
+            "typical_command": TYPICAL_COMMAND, "typical_s": round(typical_s, 5),
+            "shell_worst_s": worst_s, "shell_worst_vs_typical": worst_s / typical_s}
+
+
+# ===================================================================================== 7. cold start
 
 def timed_load(cache, times=1):
     """Seconds of each of `times` calls of common.load_model('offline') with EXPERIMENTS_CACHE=cache, in
@@ -836,6 +868,7 @@ def main(argv=None):
              "scale": lambda: bench_scale(args),
              "sft": lambda: bench_sft(args, sizes, args.seed),
              "kl": lambda: bench_kl(args, sizes),
+             "shell": lambda: bench_shell(),
              "cold_start": lambda: bench_cold_start(sizes["load_reps"])}
     if "cold_start" in workloads and args.model != common.OFFLINE_MODEL:
         record["errors"]["cold_start"] = "cold start is measured on the offline model only"

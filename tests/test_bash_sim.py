@@ -5,7 +5,6 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -127,6 +126,32 @@ def test_fresh_login_shell_per_call():
     assert sim.run("echo $Z") == "3\n"
 
 
+class TooMuchWork(BaseException):
+    """Raised from inside BashSim.run; a BaseException, so the simulator's own error handling cannot catch it."""
+
+
+CALLS_PER_UNIT = 400    # Python calls a command may make per budget step and per character of its text
+
+
+def run_counting_work(sim, command):
+    """sim.run(command), failing as soon as it makes more than CALLS_PER_UNIT * (command_budget + len(command))
+    Python calls: the simulator's promise that a call's work is bounded by its step budget and the length of
+    the command, in a measure that does not depend on how fast or busy the machine is."""
+    limit, calls = CALLS_PER_UNIT * (sim.command_budget + len(command)), 0
+
+    def count(frame, event, arg):
+        nonlocal calls
+        if event in ("call", "c_call"):
+            calls += 1
+            if calls > limit:
+                raise TooMuchWork(f"{command[:60]!r} made over {limit} Python calls")
+    sys.setprofile(count)
+    try:
+        return sim.run(command)
+    finally:
+        sys.setprofile(None)
+
+
 HOSTILE = ["rm -rf /", "rm -rf --no-preserve-root /", "cat /etc/shadow", "echo x > /etc/passwd",
            "cat ../../../../etc/passwd", "echo hi > /tmp/pwned_by_model_test", "cd / && rm -rf *",
            ":(){ :|:& };:", "while true; do echo x; done", "yes", "cat /dev/urandom", "yes > /tmp/big_yes",
@@ -137,7 +162,7 @@ HOSTILE = ["rm -rf /", "rm -rf --no-preserve-root /", "cat /etc/shadow", "echo x
            "find / -exec ls {} \\;", "grep -E '(a+)+$' /etc/passwd"]
 
 
-def test_hostile_commands_are_fast_and_never_touch_the_host(monkeypatch):
+def test_hostile_commands_do_bounded_work_and_never_touch_the_host(monkeypatch):
     def forbidden(*args, **kwargs):
         raise AssertionError("the environment touched the host")
 
@@ -154,9 +179,7 @@ def test_hostile_commands_are_fast_and_never_touch_the_host(monkeypatch):
         m.setattr(shutil, "rmtree", forbidden)
         m.setattr(builtins, "open", forbidden)
         for command in HOSTILE:
-            start = time.perf_counter()
-            out = sim.run(command)
-            assert time.perf_counter() - start < 1.0, command
+            out = run_counting_work(sim, command)
             assert isinstance(out, str) and len(out) < 4200, command
             assert "internal error" not in out, (command, out)
         other = BashSim()
@@ -219,8 +242,6 @@ def test_common_commands():
     "[ " + "! " * 3000 + "x ]", "[[ " + "( " * 2000 + "a" + " )" * 2000 + " ]]", "echo " + "{a,b}" * 25,
     "echo " + "${x:-" * 300 + "}" * 300, 'echo "$("' * 1000, "echo " + "$(echo " * 100 + "x" + ")" * 100,
     "f() { f; }; f", "eval " + "'eval '" * 100, "if " * 500, "{ " * 500 + "}" * 500])
-def test_pathological_inputs_end_in_bash_like_errors(command):
-    start = time.perf_counter()
-    out = BashSim().run(command)
-    assert time.perf_counter() - start < 1.0
+def test_pathological_inputs_end_in_bash_like_errors_after_bounded_work(command):
+    out = run_counting_work(BashSim(), command)
     assert isinstance(out, str) and "internal error" not in out

@@ -120,6 +120,14 @@ def test_kl_variants_measure_a_peak_and_leave_common_as_it_was(tmp_path, tokeniz
     assert common.kl_to_reference is ours
 
 
+def test_shell_workload_times_commands_that_run_to_the_end_of_their_budget():
+    result = bench.bench_shell(reps=1)
+    assert set(result["commands_s"]) == set(bench.BUDGET_COMMANDS)
+    assert all(result["budget_reached"].values()), result["budget_reached"]     # the worst case is a full budget
+    typical = bench.bash_sim.BashSim().run(bench.TYPICAL_COMMAND)
+    assert "done" in typical and not typical.endswith(bench.bash_sim.TIMEOUT_TEXT)
+
+
 def test_parser_has_the_experiment_flags_and_refuses_unknown_workloads(capsys):
     args = bench.build_parser().parse_args(["--quick", "--out", "x.json"])
     assert (args.model, args.gpu, args.seed, args.out, args.quick, args.random_init) == \
