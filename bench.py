@@ -24,7 +24,7 @@ that noise from other work on the machine cancels as far as it can:
                transformers' continuous batching (`model.generate_batch`) on the same first-turn prompts.
                Figures: cache_reuse_speedup, rollout_peak_mem_ratio (and vs_generate_batch, no target).
 6. shell       the simulated shell (bash_sim) on commands that run until its step budget stops them (endless
-               loops, a fork bomb, a billion-line seq) against an ordinary command of an episode, each on a
+               loops, a fork bomb, a billion-line seq) against an ordinary command (ls, cat, grep), each on a
                fresh machine, best of 3. Figures: shell_worst_s (the slowest such command) and
                shell_worst_vs_typical (that time over the ordinary command's).
 7. cold_start  loading the offline model the first time (de-quantising the GGUF into a temporary
