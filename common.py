@@ -18,7 +18,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import ExitStack, contextmanager, nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -270,8 +270,23 @@ def mixed_precision(precision, model):
     context lasts, so a context around training steps or around several loaded adapters would compute every
     forward pass with the weights it first saw."""
     if precision == "bf16" and input_device(model).type == "cpu":
-        return torch.autocast("cpu", dtype=torch.bfloat16, cache_enabled=False)
+        return CpuBf16()
     return nullcontext()
+
+
+class CpuBf16:
+    """bf16 autocast on CPU, with scaled-dot-product attention on its math kernel: PyTorch's CPU flash-attention
+    kernel in bf16 takes about 3 times as long as the math kernel at these lengths, forward and backward
+    (bench.py, workload precision). Reusable: one object serves several `with` blocks in turn."""
+    def __enter__(self):
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+        self.stack = ExitStack()
+        self.stack.enter_context(torch.autocast("cpu", dtype=torch.bfloat16, cache_enabled=False))
+        self.stack.enter_context(sdpa_kernel([SDPBackend.MATH]))
+        return self
+
+    def __exit__(self, *exc):
+        return self.stack.__exit__(*exc)
 
 
 def load_tokenizer(name=OFFLINE_MODEL):

@@ -95,6 +95,25 @@ def test_bf16_scores_stay_within_rounding_of_fp32(offline):
     assert np.abs(margin_error).mean() < 0.02
 
 
+def test_mixed_precision_on_cpu_takes_the_math_attention_kernel(offline):
+    """On CPU, bf16 flash attention takes about 3 times as long as the math kernel (bench.py, precision): inside
+    the context attention must run the math kernel, in bf16, in every with-block of one context, and the
+    defaults must come back after it."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    model, _ = offline
+    query = torch.randn(2, 3, 17, 16)
+    context = common.mixed_precision("bf16", model)
+    for _ in range(2):
+        with context:
+            ours = torch.nn.functional.scaled_dot_product_attention(query, query * 0.5, query, is_causal=True)
+            assert not torch.backends.cuda.flash_sdp_enabled()
+        with torch.autocast("cpu", dtype=torch.bfloat16), sdpa_kernel([SDPBackend.MATH]):
+            math = torch.nn.functional.scaled_dot_product_attention(query, query * 0.5, query, is_causal=True)
+        assert ours.dtype == torch.bfloat16
+        assert torch.equal(ours, math)
+        assert torch.backends.cuda.flash_sdp_enabled() and not torch.is_autocast_enabled("cpu")
+
+
 def test_mixed_precision_follows_weights_changed_inside_it(offline):
     """One context spans whole training runs and several loaded adapters: every forward pass inside it must use
     the weights as they are now (autocast's weight cache would keep the first bf16 copy of a trainable one)."""
