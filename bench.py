@@ -27,7 +27,11 @@ that noise from other work on the machine cancels as far as it can:
                loops, a fork bomb, a billion-line seq) against an ordinary command (ls, cat, grep), each on a
                fresh machine, best of 3. Figures: shell_worst_s (the slowest such command) and
                shell_worst_vs_typical (that time over the ordinary command's).
-7. cold_start  loading the offline model the first time (de-quantising the GGUF into a temporary
+7. precision   one of exp04's training steps on CPU (its LoRA, 8 examples, AdamW) in bf16 as common runs it
+               (autocast, attention on the math kernel) against plain autocast (PyTorch's default attention
+               kernel, flash) and against fp32, interleaved batch by batch; and the three losses on one batch
+               at the same weights (rounding only). Figures: bf16_step_vs_autocast, bf16_step_vs_fp32.
+8. cold_start  loading the offline model the first time (de-quantising the GGUF into a temporary
                EXPERIMENTS_CACHE, the user's cache untouched) and then from that cache, each in a fresh
                process. Figure: cached_load_s. With --quick the KL processes run during the first load
                (first_load_alone: false; that figure is then an upper bound), the cached loads alone.
@@ -71,7 +75,7 @@ import shutdown_env
 import shutdown_metrics
 
 REPO = Path(__file__).resolve().parent
-WORKLOADS = ("rollouts", "waves", "scoring", "sft", "kl", "shell", "cold_start", "scale")
+WORKLOADS = ("rollouts", "waves", "scoring", "sft", "kl", "shell", "precision", "cold_start", "scale")
 DEFAULT_WORKLOADS = WORKLOADS[:-1]  # scale needs a GPU
 TARGETS = {  # figure: (comparison, threshold)
     "rollout_speedup": (">=", 3.0),
@@ -83,18 +87,19 @@ TARGETS = {  # figure: (comparison, threshold)
     "sft_real_token_share": (">=", 0.85),
     "kl_peak_mem_ratio": ("<=", 1.15),
     "shell_worst_s": ("<", 1.0),
+    "bf16_step_vs_autocast": (">=", 1.05),
     "cached_load_s": ("<", 3.0),
 }
 # Sizes: --quick fits two CPU cores in under 3 minutes; the default fits a GPU.
 QUICK = dict(episodes=16, loop_episodes=2, max_turns=3, max_new_tokens=20, rollout_batch=16,
              score_margins=2, score_contexts=1, score_batch=8, score_reps=1,
              sft_examples=8, sft_batch=4, sft_grad_accum=2, sft_reps=2,
-             kl_batch=4, kl_steps=1, load_reps=2,
+             kl_batch=4, kl_steps=1, load_reps=2, precision_steps=2,
              wave_batch=4, wave_turns=4, reuse_episodes=8)
 FULL = dict(episodes=64, loop_episodes=8, max_turns=8, max_new_tokens=128, rollout_batch=64,
             score_margins=256, score_contexts=24, score_batch=16, score_reps=3,
             sft_examples=160, sft_batch=4, sft_grad_accum=2, sft_reps=2,
-            kl_batch=4, kl_steps=3, load_reps=2,
+            kl_batch=4, kl_steps=3, load_reps=2, precision_steps=6,
             wave_batch=16, wave_turns=6, reuse_episodes=32)
 # The published scale (--workloads scale, on a GPU): exp01 at --n 1000, exp04 over 6,000 rows
 SCALE = dict(episodes=1000, max_turns=50, max_new_tokens=96, rollout_batch=64, train_rows=6000, train_batch=2,
@@ -768,7 +773,60 @@ def bench_shell(reps=3):
             "shell_worst_s": worst_s, "shell_worst_vs_typical": worst_s / typical_s}
 
 
-# ===================================================================================== 7. cold start
+# ===================================================================================== 7. precision
+
+def training_step_variants(model):
+    """The ways to run one of exp04's CPU training steps: common's bf16 (autocast, attention on the math kernel),
+    autocast as users write it (PyTorch's default attention kernel, flash), and fp32."""
+    return {"ours_bf16": lambda: common.mixed_precision("bf16", model),
+            "autocast_bf16": lambda: torch.autocast("cpu", dtype=torch.bfloat16, cache_enabled=False),
+            "fp32": contextlib.nullcontext}
+
+
+def bench_precision(args, sizes, seed):
+    """Seconds per exp04 training step (its LoRA, batch of 8, AdamW) in each variant, interleaved batch by batch
+    (each batch once per variant, the order rotated), the first round discarded as warm-up; and each variant's
+    loss on one batch at the same weights, which must differ by rounding only."""
+    model, tokenizer, _ = load_bench_model(args.model, None, args.random_init, seed)
+    examples = [common.tokenize_conversation(tokenizer, r["messages"]) for r in sft_rows(8 * sizes["precision_steps"])]
+    batches = common.length_grouped_batches([len(e[0]) for e in examples], 8, seed)
+    model = common.add_lora(model, LORA["rank"], LORA["alpha"], LORA["rslora"], seed=seed)
+    optimiser = torch.optim.AdamW(common.lora_parameters(model), lr=1e-5)
+    variants = training_step_variants(model)
+
+    def loss_of(batch):
+        ids, labels, mask = common.collate([examples[i] for i in batch], tokenizer.pad_token_id)
+        return common.response_loss(model, ids, labels, mask)
+
+    model.eval()
+    with torch.no_grad():
+        losses = {}
+        for name, context in variants.items():
+            with context():
+                losses[name] = float(loss_of(batches[0]))
+    model.train()
+    seconds = {name: [] for name in variants}
+    names = list(variants)
+    for round_, batch in enumerate([batches[0]] + batches):
+        for name in names[round_ % len(names):] + names[:round_ % len(names)]:
+            with variants[name]():
+                start = time.perf_counter()
+                loss_of(batch).backward()
+                optimiser.step()
+                optimiser.zero_grad(set_to_none=True)
+                if round_:
+                    seconds[name].append(time.perf_counter() - start)
+    total = {name: sum(values) for name, values in seconds.items()}
+    return {"steps": len(batches), "batch_size": 8, "lora": {**LORA, "targets": list(common.LORA_TARGETS)},
+            "step_s": {name: round(value / len(batches), 3) for name, value in total.items()},
+            "loss_same_weights": losses,
+            "loss_ours_minus_autocast": losses["ours_bf16"] - losses["autocast_bf16"],
+            "loss_ours_minus_fp32": losses["ours_bf16"] - losses["fp32"],
+            "bf16_step_vs_autocast": total["autocast_bf16"] / total["ours_bf16"],
+            "bf16_step_vs_fp32": total["fp32"] / total["ours_bf16"]}
+
+
+# ===================================================================================== 8. cold start
 
 def timed_load(cache, times=1):
     """Seconds of each of `times` calls of common.load_model('offline') with EXPERIMENTS_CACHE=cache, in
@@ -869,10 +927,14 @@ def main(argv=None):
              "sft": lambda: bench_sft(args, sizes, args.seed),
              "kl": lambda: bench_kl(args, sizes),
              "shell": lambda: bench_shell(),
+             "precision": lambda: bench_precision(args, sizes, args.seed),
              "cold_start": lambda: bench_cold_start(sizes["load_reps"])}
     if "cold_start" in workloads and args.model != common.OFFLINE_MODEL:
         record["errors"]["cold_start"] = "cold start is measured on the offline model only"
         workloads.remove("cold_start")
+    if "precision" in workloads and args.gpu is not None:
+        record["errors"]["precision"] = "precision compares CPU kernels (a GPU loads bf16 weights, no autocast)"
+        workloads.remove("precision")
     overlap = args.quick and "kl" in workloads and "cold_start" in workloads
     if overlap:  # one step for both, where kl stands
         workloads.remove("cold_start")

@@ -1,5 +1,6 @@
 """The pieces of bench.py on tiny sizes: both ways of each workload do the same work. Speed itself is
 measured by bench.py, never asserted here."""
+import argparse
 import json
 
 import numpy as np
@@ -93,12 +94,13 @@ def test_real_token_share_counts_padding():
 def test_targets_are_checked_by_direction():
     figures = {"rollout_speedup": 3.0, "cache_reuse_speedup": 1.4, "rollout_peak_mem_ratio": 1.2,
                "score_vs_forward": 0.79, "score_vs_loop": 1.0, "sft_vs_trl": 1.2, "sft_real_token_share": 0.9,
-               "kl_peak_mem_ratio": 1.15, "cached_load_s": 3.0, "shell_worst_s": 0.9}
+               "kl_peak_mem_ratio": 1.15, "cached_load_s": 3.0, "shell_worst_s": 0.9,
+               "bf16_step_vs_autocast": 1.04}
     met = bench.check_targets(figures)
     assert met == {"rollout_speedup": True, "cache_reuse_speedup": False, "rollout_peak_mem_ratio": True,
                    "score_vs_forward": False, "score_vs_loop": False, "sft_vs_trl": True,
                    "sft_real_token_share": True, "kl_peak_mem_ratio": True, "cached_load_s": False,
-                   "shell_worst_s": True}
+                   "shell_worst_s": True, "bf16_step_vs_autocast": False}
     assert bench.check_targets({})["sft_vs_trl"] is False  # a figure that is missing is not met
 
 
@@ -127,6 +129,16 @@ def test_shell_workload_times_commands_that_run_to_the_end_of_their_budget():
     assert all(result["budget_reached"].values()), result["budget_reached"]     # the worst case is a full budget
     typical = bench.bash_sim.BashSim().run(bench.TYPICAL_COMMAND)
     assert "done" in typical and not typical.endswith(bench.bash_sim.TIMEOUT_TEXT)
+
+
+def test_precision_workload_times_every_variant_on_the_same_batches_and_their_losses_agree(tmp_path):
+    args = argparse.Namespace(model=str(_tiny_config_folder(tmp_path / "tiny")), random_init=True, gpu=None)
+    result = bench.bench_precision(args, {"precision_steps": 2}, seed=0)
+    assert result["steps"] == 2 and set(result["step_s"]) == {"ours_bf16", "autocast_bf16", "fp32"}
+    assert all(seconds > 0 for seconds in result["step_s"].values())
+    losses = result["loss_same_weights"]
+    assert losses["ours_bf16"] != losses["fp32"]  # bf16 did run
+    assert abs(result["loss_ours_minus_autocast"]) < 0.02 and abs(result["loss_ours_minus_fp32"]) < 0.05
 
 
 def test_parser_has_the_experiment_flags_and_refuses_unknown_workloads(capsys):
