@@ -24,7 +24,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from chat import chat_messages, is_harmony, plain_messages, render, render_reply, template_supports_tools
+from chat import (chat_messages, is_harmony, plain_messages, render, render_reply, template_supports_tools,
+                  tool_call_message)
 from stats import bootstrap_ci
 
 REPO = Path(__file__).resolve().parent
@@ -977,7 +978,9 @@ def tokenize_conversation(tokenizer, messages, tools=None, max_length=1024):
     """(input_ids, labels) for one conversation; labels are -100 everywhere but the assistant's own
     tokens, so the loss covers the responses only. Turn by turn where the template renders earlier turns the
     same once a reply follows; else (Qwen3 drops empty thinking from earlier turns) through trl's training
-    version of the template, which renders every turn alike and marks the assistant's tokens."""
+    version of the template, which renders every turn alike and marks the assistant's tokens. The messages go
+    through chat_messages first, as in generation (tool-call ids, thinking under the templates' keys)."""
+    messages = chat_messages(messages)
     ids, labels, rendered = [], [], ""
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
@@ -985,7 +988,11 @@ def tokenize_conversation(tokenizer, messages, tools=None, max_length=1024):
         prompt = render(tokenizer, messages[:i], tools)
         full = render(tokenizer, messages[:i + 1], tools, add_generation_prompt=False)
         if not (prompt.startswith(rendered) and full.startswith(prompt)):
-            return _tokenize_with_training_template(tokenizer, messages, tools, max_length)
+            return (_tokenize_with_training_template(tokenizer, messages, tools, max_length)
+                    or _tokenize_by_located_replies(tokenizer, messages, tools, max_length)
+                    or fail("the chat template renders earlier turns differently once a reply follows, trl has "
+                            "no training version of it, and its replies are not found in the whole conversation: "
+                            "the assistant's tokens cannot be told apart"))
         context = tokenizer(prompt[len(rendered):], add_special_tokens=False)["input_ids"]
         reply = tokenizer(full[len(prompt):], add_special_tokens=False)["input_ids"]
         ids += context + reply
@@ -995,17 +1002,48 @@ def tokenize_conversation(tokenizer, messages, tools=None, max_length=1024):
 
 
 def _tokenize_with_training_template(tokenizer, messages, tools, max_length):
+    """Through trl's training version of the template (Qwen3); None where trl has none."""
     from trl.chat_template_utils import get_training_chat_template
-    template = get_training_chat_template(tokenizer)
+    try:
+        template = get_training_chat_template(tokenizer)
+    except ValueError:  # trl raises for a template it cannot patch
+        template = None
     if template is None:
-        fail("the chat template renders earlier turns differently once a reply follows, and trl has no training "
-             "version of it: the assistant's tokens cannot be told apart")
+        return None
     if not (tools and template_supports_tools(tokenizer)):
         messages, tools = plain_messages(messages, tools), None
     encoded = tokenizer.apply_chat_template(chat_messages(messages), tools=tools, chat_template=template,
                                             tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
     ids = list(encoded["input_ids"])
     labels = [t if masked else -100 for t, masked in zip(ids, encoded["assistant_masks"])]
+    return ids[:max_length], labels[:max_length]
+
+
+def _tokenize_by_located_replies(tokenizer, messages, tools, max_length):
+    """For templates that move parts of earlier turns once later ones follow but write each reply alike
+    (Mistral's put the system prompt and the tools at the last user turn): the whole conversation rendered once,
+    and labelled where each reply, as the template writes it, is found in it, in order. A reply's text is where
+    the conversation up to it parts from the same conversation with a different reply. None where one is not
+    found."""
+    text = render(tokenizer, messages, tools, add_generation_prompt=False)
+    spans, start = [], 0
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        full = render(tokenizer, messages[:i + 1], tools, add_generation_prompt=False)
+        other = ({"role": "assistant", "content": "\u2063"} if message.get("tool_calls") else
+                 chat_messages(messages[:i] + [tool_call_message("bash", {"command": "\u2063"})])[-1])
+        parted = len(os.path.commonprefix([full, render(tokenizer, messages[:i] + [other], tools,
+                                                        add_generation_prompt=False)]))
+        at = text.find(full[parted:], start) if full[parted:] else -1
+        if at < 0:
+            return None
+        spans.append((at, at + len(full) - parted))
+        start = spans[-1][1]
+    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids = list(encoded["input_ids"])
+    starts = [begin for begin, _ in encoded["offset_mapping"]]
+    labels = [t if any(a <= begin < b for a, b in spans) else -100 for t, begin in zip(ids, starts)]
     return ids[:max_length], labels[:max_length]
 
 

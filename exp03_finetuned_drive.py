@@ -11,7 +11,7 @@ import time
 import numpy as np
 from transformers import set_seed
 
-from chat import AGENT_TOOLS, render_reply
+from chat import AGENT_TOOLS, chat_messages, render_reply
 from common import (add_lora, data_hashes, existing_file, experiment_parser, fail, latest_checkpoint, load_checkpoint,
                     load_jsonl, load_model, parse_args, positive_float, positive_int, reset_lora, result_stem,
                     score_completions, seed_list, settings_hash, stratified_order, tokenize_conversation, train_lora,
@@ -210,7 +210,8 @@ def workaround_margins(model, tokenizer, heldout, user_extra=None):
             first_user = next(m for m in messages if m["role"] == "user")
             first_user["content"] = f"{first_user['content']}\n\n{user_extra}"
         for reply in (row["workaround"], row["ask"]):
-            prompt, completion = render_reply(tokenizer, messages, reply, AGENT_TOOLS)
+            *history, reply = chat_messages(messages + [reply])  # tool-call ids, as in generation (Mistral)
+            prompt, completion = render_reply(tokenizer, history, reply, AGENT_TOOLS)
             prompts.append(prompt)
             completions.append(completion)
     _, means, _ = score_completions(model, tokenizer, prompts, completions, batch_size=8)

@@ -22,6 +22,8 @@ import shutdown_metrics
 TEMPLATES = Path(trl.__file__).parent / "chat_templates"
 LLAMA_TOKENS = ["<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>", "<|eom_id|>",
                 "<|python_tag|>"]
+MISTRAL_TOKENS = ["[INST]", "[/INST]", "[AVAILABLE_TOOLS]", "[/AVAILABLE_TOOLS]", "[TOOL_CALLS]", "[ARGS]",
+                  "[TOOL_RESULTS]", "[/TOOL_RESULTS]"]
 GEMMA_TOKENS = ["<bos>", "<start_of_turn>", "<end_of_turn>"]
 # family: (template, special tokens, bos, eos, config class, extra config)
 FAMILIES = {
@@ -37,6 +39,10 @@ FAMILIES = {
     "gemma2": ("gemma", GEMMA_TOKENS, "<bos>", "<end_of_turn>", "Gemma2Config", {"head_dim": 8, "sliding_window": 16}),
     "gemma3": ("gemma3", GEMMA_TOKENS, "<bos>", "<end_of_turn>", "Gemma3TextConfig",
                {"head_dim": 8, "sliding_window": 16}),
+    # Mistral: vLLM's template for Mistral with tools (tests/templates; none of Mistral's own ships offline)
+    "mistral": (Path(__file__).parent / "templates" / "vllm_tool_chat_template_mistral.jinja",
+                MISTRAL_TOKENS + ["<s>", "</s>"], "<s>", "</s>", "MistralConfig",
+                {"head_dim": 8, "sliding_window": 16}),
     "deepseek-r1-distill": ("deepseek_r1_distill", ["<｜begin▁of▁sentence｜>", "<｜User｜>", "<｜Assistant｜>",
                                                     "<｜end▁of▁sentence｜>", "<think>", "</think>"],
                             "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "Qwen2Config", {}),
@@ -48,7 +54,8 @@ def family_model(name, tokenizer, hidden_size=32):
     template, tokens, bos, eos, config_class, extra = FAMILIES[name]
     family_tokenizer = copy.deepcopy(tokenizer)
     family_tokenizer.add_special_tokens({"additional_special_tokens": tokens})
-    family_tokenizer.chat_template = (TEMPLATES / f"{template}.jinja").read_text()
+    path = template if isinstance(template, Path) else TEMPLATES / f"{template}.jinja"
+    family_tokenizer.chat_template = path.read_text()
     family_tokenizer.eos_token = eos
     if bos:
         family_tokenizer.bos_token = bos
@@ -92,8 +99,8 @@ def test_each_family_runs_rollouts_forced_choice_tokenisation_and_a_training_ste
     assert set(choice["options"]) == set(shutdown_metrics.decision_actions())
     assert all(o["logprob"] < 0 and len(o["token_logprobs"]) > 0 for o in choice["options"].values())
     for command in shutdown_metrics.decision_actions():
-        _, completion = chat.render_reply(tokenizer, chat.chat_messages(point["messages"]),
-                                            chat.tool_call_message("bash", {"command": command}), chat.AGENT_TOOLS)
+        *history, reply = chat.chat_messages(point["messages"] + [chat.tool_call_message("bash", {"command": command})])
+        _, completion = chat.render_reply(tokenizer, history, reply, chat.AGENT_TOOLS)
         assert chat.parse_tool_call(_decoded(tokenizer, completion)) == ("bash", {"command": command})
 
     # exp03's tokenisation of a drive transcript, and one LoRA step on it
@@ -211,6 +218,48 @@ def test_thinking_goes_back_to_the_template_where_it_keeps_it(family):
         assert first_turn.startswith("s\n\n") and first_turn.endswith("\n\nu")
 
 
+def _learned_spans(tokenizer, ids, labels):
+    spans, current = [], []
+    for token, label in zip(ids, labels):
+        if label != -100:
+            current.append(token)
+        elif current:
+            spans, current = spans + [tokenizer.decode(current)], []
+    return spans + ([tokenizer.decode(current)] if current else [])
+
+
+def test_mistral_labels_are_each_reply_as_the_template_writes_it_where_earlier_turns_move(tokenizer):
+    """Mistral's template puts the system prompt and the tools at the last user turn, so a conversation's earlier
+    turns change as it grows: the labels are found where each reply, as the template writes it, stands in the
+    whole conversation, and they are those replies and nothing else (the template drops a call's text)."""
+    _, mistral = family_model("mistral", tokenizer)
+    messages = [{"role": "system", "content": "SYS"}, {"role": "user", "content": "u1"},
+                chat.tool_call_message("bash", {"command": "ls"}, "First look."),
+                {"role": "tool", "name": "bash", "content": "OUT"},
+                {"role": "assistant", "content": "Which file?"}, {"role": "user", "content": "u2"},
+                chat.tool_call_message("submit", {"answer": "ok"})]
+    later = chat.render(mistral, chat.chat_messages(messages[:6]), chat.AGENT_TOOLS)
+    assert "SYS\n\nu1" in chat.render(mistral, chat.chat_messages(messages[:2]), chat.AGENT_TOOLS)
+    assert "SYS\n\nu2" in later and "SYS\n\nu1" not in later  # the system prompt moved to the last user turn
+    ids, labels = common.tokenize_conversation(mistral, messages, tools=chat.AGENT_TOOLS)
+    whole = chat.render(mistral, chat.chat_messages(messages), chat.AGENT_TOOLS, add_generation_prompt=False)
+    assert mistral.decode(ids) == whole
+    assert _learned_spans(mistral, ids, labels) == [
+        '[TOOL_CALLS] [{"name": "bash", "arguments": {"command": "ls"}, "id": "c00002000"}]</s>',
+        " Which file?</s>",
+        '[TOOL_CALLS] [{"name": "submit", "arguments": {"answer": "ok"}, "id": "c00006000"}]</s>']
+
+
+def test_a_template_whose_replies_cannot_be_told_apart_is_a_one_line_error(tokenizer):
+    shouting = copy.deepcopy(tokenizer)  # earlier replies upper-cased: no reply stands in the whole as written
+    shouting.chat_template = ("{% for m in messages %}{{ m.role }}: {% if m.role == 'assistant' and not loop.last %}"
+                              "{{ m.content | upper }}{% else %}{{ m.content }}{% endif %}\n{% endfor %}")
+    messages = [{"role": "user", "content": "u"}, {"role": "assistant", "content": "one"},
+                {"role": "user", "content": "v"}, {"role": "assistant", "content": "two"}]
+    with pytest.raises(SystemExit, match="the assistant's tokens cannot be told apart"):
+        common.tokenize_conversation(shouting, messages)
+
+
 def test_qwen3_labels_are_the_assistant_turns_as_rendered(family):
     """Qwen3 renders the last assistant turn with an empty think block and earlier ones without, so the labels
     come from trl's training template; a plain template (Qwen2.5) goes turn by turn. Either way the learned
@@ -223,13 +272,7 @@ def test_qwen3_labels_are_the_assistant_turns_as_rendered(family):
                 {"role": "tool", "name": "bash", "content": "OUT"},
                 chat.tool_call_message("submit", {"answer": "ok"})]
     ids, labels = common.tokenize_conversation(tokenizer, messages, tools=chat.AGENT_TOOLS)
-    spans, current = [], []
-    for token, label in zip(ids, labels):
-        if label != -100:
-            current.append(token)
-        elif current:
-            spans, current = spans + [tokenizer.decode(current)], []
-    spans += [tokenizer.decode(current)] if current else []
+    spans = _learned_spans(tokenizer, ids, labels)
     assert len(spans) == 2 and all(s.rstrip().endswith("<|im_end|>") for s in spans)
     if name == "qwen3":  # every turn as the training template renders it, with its (empty) think block
         assert all(s.startswith("<think>\n\n</think>\n\n") for s in spans)
@@ -247,9 +290,6 @@ def test_a_missing_or_broken_template_is_a_one_line_error(tokenizer):
     with pytest.raises(SystemExit, match="cannot render the conversation"):
         chat.render(broken, [{"role": "user", "content": "u"}])
 
-
-MISTRAL_TOKENS = ["[INST]", "[/INST]", "[AVAILABLE_TOOLS]", "[/AVAILABLE_TOOLS]", "[TOOL_CALLS]", "[ARGS]",
-                  "[TOOL_RESULTS]", "[/TOOL_RESULTS]"]
 
 
 def _mistral_common_tokenizer():
