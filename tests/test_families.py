@@ -39,10 +39,14 @@ FAMILIES = {
     "gemma2": ("gemma", GEMMA_TOKENS, "<bos>", "<end_of_turn>", "Gemma2Config", {"head_dim": 8, "sliding_window": 16}),
     "gemma3": ("gemma3", GEMMA_TOKENS, "<bos>", "<end_of_turn>", "Gemma3TextConfig",
                {"head_dim": 8, "sliding_window": 16}),
-    # Mistral: vLLM's template for Mistral with tools (tests/templates; none of Mistral's own ships offline)
+    # Mistral (v3 tokenizer) and Mistral Small 3 (v7): vLLM's templates for them with tools (tests/templates;
+    # none of Mistral's own ships offline)
     "mistral": (Path(__file__).parent / "templates" / "vllm_tool_chat_template_mistral.jinja",
                 MISTRAL_TOKENS + ["<s>", "</s>"], "<s>", "</s>", "MistralConfig",
                 {"head_dim": 8, "sliding_window": 16}),
+    "mistral3": (Path(__file__).parent / "templates" / "vllm_tool_chat_template_mistral3.jinja",
+                 MISTRAL_TOKENS + ["<s>", "</s>", "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]"], "<s>", "</s>",
+                 "MistralConfig", {"head_dim": 8, "sliding_window": 16}),
     "deepseek-r1-distill": ("deepseek_r1_distill", ["<｜begin▁of▁sentence｜>", "<｜User｜>", "<｜Assistant｜>",
                                                     "<｜end▁of▁sentence｜>", "<think>", "</think>"],
                             "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "Qwen2Config", {}),
