@@ -36,7 +36,7 @@ that noise from other work on the machine cancels as far as it can:
                process. Figure: cached_load_s. With --quick the KL processes run during the first load
                (first_load_alone: false; that figure is then an upper bound), the cached loads alone.
 
-`--quick` keeps the whole run under 3 minutes on two CPU cores with the offline model (smaller sizes, the
+`--quick` keeps the whole run to about 5 minutes on two CPU cores with the offline model (smaller sizes, the
 same code); without it the sizes fit a GPU. `--random-init` builds the model from its config with random
 weights (for a GPU machine without the weights): the config comes from `--model` (a Hugging Face id in the
 local cache, or a local folder with config.json), else from QWEN25_15B_CONFIG below, a Qwen2.5-1.5B-like
@@ -48,7 +48,7 @@ no weights) and measures the published scale: exp01-shaped rollouts of 1,000 epi
 and exp04-shaped training over 6,000 rows' worth of tokens with and without the KL term, with gradient
 checkpointing (peak memory, tokens/s). `--scale-config FOLDER` swaps in another config (the tests use a tiny one).
 
-Usage:  python bench.py --quick             (CPU, offline model, under 3 minutes)
+Usage:  python bench.py --quick             (CPU, offline model, about 5 minutes)
         python bench.py --model Qwen/Qwen2.5-1.5B-Instruct --gpu 0 [--random-init]
         python bench.py --gpu 0 --workloads scale
 """
@@ -90,7 +90,7 @@ TARGETS = {  # figure: (comparison, threshold)
     "bf16_step_vs_autocast": (">=", 1.05),
     "cached_load_s": ("<", 3.0),
 }
-# Sizes: --quick fits two CPU cores in under 3 minutes; the default fits a GPU.
+# Sizes: --quick takes about 5 minutes on two CPU cores; the default fits a GPU.
 QUICK = dict(episodes=16, loop_episodes=2, max_turns=3, max_new_tokens=20, rollout_batch=16,
              score_margins=2, score_contexts=1, score_batch=8, score_reps=1,
              sft_examples=8, sft_batch=4, sft_grad_accum=2, sft_reps=2,
@@ -127,7 +127,7 @@ def build_parser():
     parser.add_argument("--seed", type=int, default=0, help="random seed for sampling and training")
     parser.add_argument("--out", default="results/bench.json", help="where to write the JSON of figures")
     parser.add_argument("--quick", action="store_true",
-                        help="small sizes: under 3 minutes on two CPU cores with the offline model")
+                        help="small sizes: about 5 minutes on two CPU cores with the offline model")
     parser.add_argument("--random-init", action="store_true",
                         help="build --model from its config with random weights (for a machine without the weights)")
     parser.add_argument("--threads", type=int, default=None,
