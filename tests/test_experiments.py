@@ -101,8 +101,8 @@ def test_exp02_smoke_writes_contrasts_and_reasoning(tmp_path):
     assert contrast["decision_rollouts"]["sabotaged"]["method"] == "newcombe"
 
 
-def test_exp03_smoke_trains_checks_the_drive_and_fills_the_full_design(tmp_path):
-    record = _load(exp03_finetuned_drive.main(["--smoke", "--out", str(tmp_path)]))
+def test_exp03_smoke_trains_checks_the_drive_and_fills_the_full_design(exp03_smoke):
+    record = _load(exp03_smoke[0])
     results = record["results"]
     assert set(results["cells"]) == {f"{m}/{p}" for m in exp03_finetuned_drive.MODELS
                                      for p in exp03_finetuned_drive.PROMPTS}  # 3 models x 2 prompts x P1 or not
@@ -119,8 +119,10 @@ def test_exp03_smoke_trains_checks_the_drive_and_fills_the_full_design(tmp_path)
     assert check["margins"]["drive/0"]["mean"] != check["margins"]["base"]["mean"]  # the adapter changed the model
 
 
-def test_exp03_stops_before_the_cells_when_the_drive_check_fails(tmp_path, monkeypatch):
-    """A drive that does not pass its check is not tested on shutdown: a one-line error, no JSON."""
+def test_exp03_stops_before_the_cells_when_the_drive_check_fails(exp03_smoke, copy_runs, tmp_path, monkeypatch):
+    """A drive that does not pass its check is not tested on shutdown: a one-line error, no JSON. (The smoke
+    run's adapters, copied, are resumed rather than trained again.)"""
+    copy_runs(exp03_smoke[1], tmp_path)
     monkeypatch.setattr(exp03_finetuned_drive, "drive_check",
                         lambda *a, **k: {"rounds": 1, "transcripts": 4, "diff": 0.0, "ci": [-1, 1], "passed": False})
     with pytest.raises(SystemExit, match="did not pass the drive check"):
@@ -128,8 +130,8 @@ def test_exp03_stops_before_the_cells_when_the_drive_check_fails(tmp_path, monke
     assert not list(tmp_path.glob("*.json"))
 
 
-def test_exp04_smoke_every_arm_per_seed_with_curves_efficiency_stability(tmp_path):
-    record = _load(exp04_em_sft.main(["--smoke", "--out", str(tmp_path)]))
+def test_exp04_smoke_every_arm_per_seed_with_curves_efficiency_stability(exp04_smoke, copy_runs, tmp_path):
+    record = _load(exp04_smoke[0])
     results = record["results"]
     seeds = results["seeds"]
     assert len(seeds) >= 2 and set(results["final"]) == set(exp04_em_sft.ARMS)
@@ -163,6 +165,7 @@ def test_exp04_smoke_every_arm_per_seed_with_curves_efficiency_stability(tmp_pat
     assert set(results["per_seed"]) == {str(s) for s in seeds}
     assert record["args"]["precision"] == common.resolve_precision("auto", None)  # what ran, not "auto"
     # a second run reuses every seed's adapters and evaluation: nothing is trained again
+    copy_runs(exp04_smoke[1], tmp_path)
     again = _load(exp04_em_sft.main(["--smoke", "--out", str(tmp_path)]))["results"]
     assert again["final"] == results["final"] and again["timings_s"]["training"] < results["timings_s"]["training"]
 
@@ -218,7 +221,8 @@ def test_exp04_stops_when_a_held_out_question_is_in_the_kl_data(tokenizer, tmp_p
         exp04_em_sft.data_split(args, tokenizer, exp04_em_sft.ARMS)
 
 
-def test_exp05_smoke_four_models_per_seed_and_both_predictions(tmp_path):
+def test_exp05_smoke_four_models_per_seed_and_both_predictions(exp04_smoke, copy_runs, tmp_path):
+    copy_runs(exp04_smoke[1], tmp_path)  # exp04's arms, reused as exp05 finds them; rule 2 and its control trained
     record = _load(exp05_confidence.main(["--smoke", "--out", str(tmp_path)]))
     results = record["results"]
     runs_dir = Path(results["exp04"]["runs_dir"])

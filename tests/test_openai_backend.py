@@ -204,9 +204,10 @@ def test_judge_on_the_server_scores_each_answer_or_says_none(server):
     assert len(scores) == 2 and all(s is None or 0 <= s <= 100 for s in scores)
 
 
-def test_exp04_smoke_with_its_judge_on_the_server_names_the_judge(server, tmp_path):
+def test_exp04_smoke_with_its_judge_on_the_server_names_the_judge(server, exp04_smoke, copy_runs, tmp_path):
     import exp04_em_sft
     base_url, model = server
+    copy_runs(exp04_smoke[1], tmp_path)  # the smoke run's adapters: only the judging is new here
     argv = ["--smoke", "--out", str(tmp_path), "--seeds", "0", "--judge", model, "--judge-base-url", base_url]
     record = json.loads(exp04_em_sft.main(argv).read_text())
     judged = record["results"]["judged"]
