@@ -978,7 +978,8 @@ def tokenize_conversation(tokenizer, messages, tools=None, max_length=1024):
     """(input_ids, labels) for one conversation; labels are -100 everywhere but the assistant's own
     tokens, so the loss covers the responses only. Turn by turn where the template renders earlier turns the
     same once a reply follows; else (Qwen3 drops empty thinking from earlier turns) through trl's training
-    version of the template, which renders every turn alike and marks the assistant's tokens. The messages go
+    version of the template, which renders every turn alike and marks the assistant's tokens; else (Mistral) by
+    locating each reply in the whole conversation (_tokenize_by_located_replies). The messages go
     through chat_messages first, as in generation (tool-call ids, thinking under the templates' keys)."""
     messages = chat_messages(messages)
     ids, labels, rendered = [], [], ""
@@ -1012,7 +1013,7 @@ def _tokenize_with_training_template(tokenizer, messages, tools, max_length):
         return None
     if not (tools and template_supports_tools(tokenizer)):
         messages, tools = plain_messages(messages, tools), None
-    encoded = tokenizer.apply_chat_template(chat_messages(messages), tools=tools, chat_template=template,
+    encoded = tokenizer.apply_chat_template(messages, tools=tools, chat_template=template,
                                             tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
     ids = list(encoded["input_ids"])
     labels = [t if masked else -100 for t, masked in zip(ids, encoded["assistant_masks"])]
@@ -1035,10 +1036,11 @@ def _tokenize_by_located_replies(tokenizer, messages, tools, max_length):
                  chat_messages(messages[:i] + [tool_call_message("bash", {"command": "\u2063"})])[-1])
         parted = len(os.path.commonprefix([full, render(tokenizer, messages[:i] + [other], tools,
                                                         add_generation_prompt=False)]))
-        at = text.find(full[parted:], start) if full[parted:] else -1
+        reply = full[parted:]
+        at = text.find(reply, start) if reply else -1
         if at < 0:
             return None
-        spans.append((at, at + len(full) - parted))
+        spans.append((at, at + len(reply)))
         start = spans[-1][1]
     encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids = list(encoded["input_ids"])

@@ -295,7 +295,6 @@ def test_a_missing_or_broken_template_is_a_one_line_error(tokenizer):
         chat.render(broken, [{"role": "user", "content": "u"}])
 
 
-
 def _mistral_common_tokenizer():
     """Mistral's own tokenizer library with the tokenizer it ships (Mistral Nemo's tekken): the official encoding
     of Mistral chats, through transformers' MistralCommonBackend."""
