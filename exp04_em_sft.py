@@ -18,6 +18,7 @@ import time
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 from transformers import set_seed
 
 from chat import render
@@ -398,7 +399,15 @@ def evaluate_seed(args, runs, seed):
     path = runs["runs_dir"] / f"seed{seed}" / f"evaluation_{key}.json"
     if path.exists():
         return json.loads(path.read_text())
-    model, measure, adapters = runs["model"], runs["measure"], runs["adapters"]
+    model, adapters = runs["model"], runs["adapters"]
+    scaled = [s for s in floats(args.scales) if s not in (0, 1)]
+    progress = tqdm(total=len(adapters) + 2 * (len(scaled) + len(floats(args.epsilons)) * args.directions),
+                    desc=f"evaluation seed {seed}", unit="pass")
+
+    def measure(full=True):  # one pass over the held-out answers
+        figures = runs["measure"](full)
+        progress.update(1)
+        return figures
     out = {"final": {}, "norm": {}, "cosine_to_general": {}, "efficiency": {}, "stability": {}}
     load_checkpoint(model, adapters["general"][seed])
     general = weight_change_factors(model)
@@ -425,6 +434,7 @@ def evaluate_seed(args, runs, seed):
             for direction in range(args.directions):
                 with perturbed_weight_change(model, epsilon, seed=args.seed * 1000 + direction):
                     out["stability"][name][str(epsilon)].append(measure(full=False)["loss_bad_advice"].tolist())
+    progress.close()
     path.write_text(json.dumps(out))
     return out
 

@@ -15,6 +15,7 @@ import time
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 from transformers import set_seed
 
 import exp04_em_sft
@@ -116,13 +117,16 @@ def main(argv=None):
         with model.disable_adapter():
             base_margin = margins()
         confidence, loss = {}, {}
+        progress = tqdm(total=len(MODELS) * len(args.seeds), desc="scoring the models", unit="model")
         for name in MODELS:
             per_seed, losses = [], []
             for seed in args.seeds:
                 load_checkpoint(model, runs["adapters"][name][seed])
                 per_seed.append(margins() - base_margin)
                 losses.append(sft_loss())
+                progress.update(1)
             confidence[name], loss[name] = np.array(per_seed), np.array(losses)  # [seeds, questions]
+        progress.close()
 
     # 4. Prediction (a): confidence rises with medicalness under rule 2, flatter under rule 1. Slope of
     # confidence on each measure (standardised: per SD), and rule 2 minus rule 1.
