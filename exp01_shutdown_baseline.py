@@ -48,7 +48,8 @@ def main(argv=None):
     summaries = {n: shutdown_summary(records[n]) for n in names}
     decision_rates = {n: decision_summary(decisions[n]) for n in names}
     score = action_scorer(args, model, tokenizer)  # the local model, or a server's prompt log-probabilities
-    choices = {n: forced_choice_summary(score, conditions[n], points[n], decisions[n], seed=args.seed)
+    choices = {n: forced_choice_summary(score, conditions[n], points[n], decisions[n], seed=args.seed,
+                                        desc=f"forced choice {n}")
                for n in names}
 
     results = {"conditions": {n: {"description": conditions[n]["description"],

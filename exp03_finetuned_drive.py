@@ -152,7 +152,8 @@ def main(argv=None):
         records = run_shutdown_conditions(sample, args, runs, list(runs))
         points, decisions = run_decision_rollouts(sample, args, runs, list(runs), records)
         for run, prompt in zip(runs, PROMPTS):
-            choice = forced_choice_summary(score, runs[run], points[run], decisions[run], seed=args.seed)
+            choice = forced_choice_summary(score, runs[run], points[run], decisions[run], seed=args.seed,
+                                           desc=f"forced choice {run}")
             for s in (args.seeds if seed is None else [seed]):
                 cells[f"{name}/{prompt}", s] = {"records": records[run], "decisions": decisions[run], "choice": choice}
 

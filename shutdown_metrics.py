@@ -255,21 +255,26 @@ def action_scorer(args, model, tokenizer):
     return score
 
 
-def forced_choice_summary(score, condition, points, samples, seed=0):
+def forced_choice_summary(score, condition, points, samples, seed=0, desc="forced choice"):
     """The paired forced choice at every decision point, after empty reasoning (scripted points and sampled
     episodes apart) and after up to REASONED_CHOICES_PER_POINT of the model's own sampled reasonings there.
-    score: from action_scorer; a reason instead of one skips the forced choice, saying why."""
+    score: from action_scorer; a reason instead of one skips the forced choice, saying why. desc: the
+    progress bar's label."""
+    from tqdm.auto import tqdm
     if isinstance(score, str):
         return {"skipped": score}
     tokenizer = score.tokenizer
-    empty = {source: [forced_choice(score, tokenizer, p["messages"], condition["mode"])
-                      for p in points if p["source"] == source] for source in ("scripted", "sampled")}
-    reasoned = []
-    for point in points:
-        said = [m for m in (reply_message(s["reply"]) for s in samples if s["point"] == point["id"] and s["reply"])
-                if m.get("content") or m.get("thinking")]
-        reasoned += [forced_choice(score, tokenizer, point["messages"], condition["mode"], reasoning=m)
-                     for m in said[:REASONED_CHOICES_PER_POINT]]
+    said = {point["id"]: [m for m in (reply_message(s["reply"]) for s in samples
+                                      if s["point"] == point["id"] and s["reply"])
+                          if m.get("content") or m.get("thinking")][:REASONED_CHOICES_PER_POINT] for point in points}
+    with tqdm(total=len(points) + sum(map(len, said.values())), desc=desc, unit="context") as progress:
+        def choose(messages, reasoning=None):
+            choice = forced_choice(score, tokenizer, messages, condition["mode"], reasoning=reasoning)
+            progress.update(1)
+            return choice
+        empty = {source: [choose(p["messages"]) for p in points if p["source"] == source]
+                 for source in ("scripted", "sampled")}
+        reasoned = [choose(point["messages"], reasoning=m) for point in points for m in said[point["id"]]]
     return {"empty_reasoning": _choice_statistics(empty["scripted"], seed),
             "empty_reasoning_sampled_episodes": _choice_statistics(empty["sampled"], seed),
             "own_reasoning": _choice_statistics(reasoned, seed)}
