@@ -264,9 +264,10 @@ def forced_choice_summary(score, condition, points, samples, seed=0, desc="force
     if isinstance(score, str):
         return {"skipped": score}
     tokenizer = score.tokenizer
-    said = {point["id"]: [m for m in (reply_message(s["reply"]) for s in samples
-                                      if s["point"] == point["id"] and s["reply"])
-                          if m.get("content") or m.get("thinking")][:REASONED_CHOICES_PER_POINT] for point in points}
+    said = {}  # per decision point: the model's own reasonings to choose after
+    for point in points:
+        replies = [reply_message(s["reply"]) for s in samples if s["point"] == point["id"] and s["reply"]]
+        said[point["id"]] = [m for m in replies if m.get("content") or m.get("thinking")][:REASONED_CHOICES_PER_POINT]
     with tqdm(total=len(points) + sum(map(len, said.values())), desc=desc, unit="context") as progress:
         def choose(messages, reasoning=None):
             choice = forced_choice(score, tokenizer, messages, condition["mode"], reasoning=reasoning)
