@@ -3,6 +3,7 @@ scoring, LoRA training, results and plots, data files (chat formats and tool cal
 in stats.py). Each expNN script imports from here (and from chat.py, stats.py, shutdown_env.py, serving.py,
 judge.py) and holds only what is specific to its claim."""
 import argparse
+import copy
 import functools
 import hashlib
 import importlib.metadata
@@ -433,14 +434,21 @@ def cache_argument(model):
     return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
 
 
+def only_full_attention(model):
+    """Whether every layer is plain full attention (no sliding window, no recurrent layer): only then may a
+    key-value cache hold masked gaps, since a sliding window counts cache slots, not positions."""
+    from transformers import DynamicCache
+    return all(type(layer).__name__ == "DynamicLayer" for layer in DynamicCache(config=model.config).layers)
+
+
 def full_attention_cache(model):
     """A fresh key-value cache whose layers write into spare room (GrowingLayer), or None where a layer is not
     plain full attention (sliding windows, recurrent layers): ConversationBatch's masked gaps need every
     position kept as it is."""
     from transformers import DynamicCache
-    cache = DynamicCache(config=model.config)
-    if not all(type(layer).__name__ == "DynamicLayer" for layer in cache.layers):
+    if not only_full_attention(model):
         return None
+    cache = DynamicCache(config=model.config)
     growing_layer = _growing_layer()
     cache.layers = [growing_layer() for _ in cache.layers]
     cache.layer_class_to_replicate = growing_layer  # for caches that add their layers on first use
@@ -641,10 +649,12 @@ class ConversationBatch:
 @torch.no_grad()
 def score_completions(model, tokenizer, prompts, completions, batch_size=16):
     """Log-probability of each completion after its prompt, completion tokens only.
-    Returns (sum, mean per token, number of tokens) as arrays. A prompt shared by several completions (the bad
-    and the good answer to one question, the actions at one decision point) is encoded once and its key-value
-    cache reused by each: prompts left-padded, completions right-padded after them; logits are computed for
-    completion positions only. A batch holds up to batch_size completions and their prompts (a prompt with more
+    Returns (sum, mean per token, number of tokens) as arrays. What prompts share is encoded once: the tokens
+    every prompt begins with (a chat template's system prompt) once per call where every layer is full
+    attention, and a prompt shared by several completions (the bad and the good answer to one question, the
+    actions at one decision point) once per batch, its key-value cache reused by each completion: prompts
+    left-padded after the shared start, completions right-padded after them; logits are computed for completion
+    positions only. A batch holds up to batch_size completions and their prompts (a prompt with more
     completions is encoded once per batch_size of them)."""
     completion_ids = [tokenizer(c, add_special_tokens=False)["input_ids"] for c in completions]
     if any(len(c) == 0 for c in completion_ids):
@@ -655,6 +665,17 @@ def score_completions(model, tokenizer, prompts, completions, batch_size=16):
     for i, prompt in enumerate(prompts):
         after.setdefault(where[prompt], []).append(i)
     sums, counts = np.zeros(len(prompts)), np.array([len(c) for c in completion_ids])
+    device = input_device(model)
+    # the shared start, less one token: each prompt's own last token gives the logits for its completions.
+    # Left padding after it leaves a masked gap in the cache, which a sliding window would count as distance.
+    shared = min(len(os.path.commonprefix(prompt_ids)), min(map(len, prompt_ids)) - 1)
+    shared = shared if only_full_attention(model) else 0
+    start_cache = None
+    if shared:
+        encoded = model(input_ids=torch.tensor([prompt_ids[0][:shared]], device=device), use_cache=True,
+                        logits_to_keep=1)
+        start_cache = encoded["cache" if "cache" in encoded else "past_key_values"]  # renamed in transformers 5
+    prompt_ids = [ids[shared:] for ids in prompt_ids]
     # units of one prompt and up to batch_size of its completions, packed into batches of similar lengths
     units = sorted(((k, rows[start:start + batch_size]) for k, rows in after.items()
                     for start in range(0, len(rows), batch_size)),
@@ -666,16 +687,20 @@ def score_completions(model, tokenizer, prompts, completions, batch_size=16):
             batch = []
         batch.append(unit)
     batches += [batch] if batch else []
-    device = input_device(model)
     pad = tokenizer.pad_token_id
     for batch in batches:
         width = max(len(prompt_ids[k]) for k, _ in batch)
         ids = torch.tensor([[pad] * (width - len(prompt_ids[k])) + prompt_ids[k] for k, _ in batch], device=device)
-        mask = torch.tensor([[0] * (width - len(prompt_ids[k])) + [1] * len(prompt_ids[k]) for k, _ in batch],
-                            device=device)
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)  # left padding must not shift absolute positions
-        encoded = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
-        cache = encoded["cache" if "cache" in encoded else "past_key_values"]  # renamed during transformers 5
+        mask = torch.tensor([[1] * shared + [0] * (width - len(prompt_ids[k])) + [1] * len(prompt_ids[k])
+                             for k, _ in batch], device=device)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, shared:]  # padding must not shift absolute positions
+        cache = {}
+        if start_cache is not None:  # a copy per batch: the forward pass appends to the cache it is given
+            cache[cache_argument(model)] = copy.deepcopy(start_cache)
+            cache[cache_argument(model)].batch_repeat_interleave(len(batch))
+        encoded = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1,
+                        **cache)
+        cache = encoded["cache" if "cache" in encoded else "past_key_values"]
         rows = [i for _, unit_rows in batch for i in unit_rows]
         row_prompt = torch.tensor([b for b, (_, unit_rows) in enumerate(batch) for _ in unit_rows], device=device)
         cache.batch_select_indices(row_prompt)

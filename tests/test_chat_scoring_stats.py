@@ -76,6 +76,22 @@ def test_shared_prompts_score_as_if_each_completion_were_alone(offline):
     assert list(counts) == [len(tokenizer(c, add_special_tokens=False)["input_ids"]) for c in completions]
 
 
+def test_prompts_with_a_shared_start_score_as_if_each_completion_were_alone(offline):
+    """The tokens every prompt begins with (here a chat template's system prompt) are encoded once per call and
+    reused by every batch: each completion still gets the log-probability it has on its own, including after a
+    prompt that is all shared start but its last token and after a prompt that another prompt extends."""
+    model, tokenizer = offline
+    start = chat.render(tokenizer, [{"role": "user", "content": "Is this question about health?"}])
+    prompts = [start, start + " Yes", start + " Yes", chat.render(tokenizer, [{"role": "user", "content": "Hi"}])]
+    prompts += [chat.render(tokenizer, [{"role": "user", "content": "A much longer question that needs padding?"}])]
+    completions = [" Yes", " it is.", " No", " Hello there, how can I help?", " Sure"]
+    sums, _, _ = common.score_completions(model, tokenizer, prompts, completions, batch_size=2)
+    expected = [alone(model, tokenizer, p, c) for p, c in zip(prompts, completions)]
+    assert np.allclose(sums, expected, atol=1e-3)
+    alone_sums, _, _ = common.score_completions(model, tokenizer, prompts[3:4], completions[3:4])  # one prompt
+    assert alone_sums[0] == pytest.approx(expected[3], abs=1e-3)
+
+
 def test_bf16_scores_stay_within_rounding_of_fp32(offline):
     """--precision bf16 on CPU (autocast) changes a log-probability per token by rounding only: the mean
     per-token scores of real answers agree with fp32 to a few hundredths, and their bad-minus-good margins

@@ -372,3 +372,22 @@ def test_a_mistral_repo_loads_its_text_tokenizer_where_mistral_common_is_install
     assert type(transformers.AutoTokenizer.from_pretrained(repo)).__name__ == "MistralCommonBackend"
     loaded = common.load_tokenizer(str(repo))
     assert type(loaded).__name__ != "MistralCommonBackend" and loaded.chat_template == tokenizer.chat_template
+
+
+def test_each_family_scores_completions_after_its_template_start_as_if_each_were_alone(family):
+    """score_completions encodes the start every prompt shares (the template's header, its system prompt) once
+    and then each prompt after it, left-padded, in batches: in every family's architecture (sliding-window
+    layers among them, prompts longer than the window) each completion gets the log-probability of one
+    unpadded forward pass over its prompt and itself."""
+    name, model, tokenizer = family
+    questions = ["Is this question about medicine or health? " * 4, "Hi", "Hi", "What is two plus two?"]
+    prompts = [chat.render(tokenizer, [{"role": "user", "content": q}]) for q in questions]
+    completions = ["Yes, it is about health.", "Hello", "No", "Four"]
+    sums, _, _ = common.score_completions(model, tokenizer, prompts, completions, batch_size=2)
+    for prompt, completion, total in zip(prompts, completions, sums):
+        a = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        b = tokenizer(completion, add_special_tokens=False)["input_ids"]
+        with torch.no_grad():
+            logprobs = torch.log_softmax(model(torch.tensor([a + b])).logits[0, :-1].float(), -1)
+        assert total == pytest.approx(logprobs[len(a) - 1:].gather(-1, torch.tensor(b)[:, None]).sum().item(),
+                                      abs=1e-3), name
