@@ -20,9 +20,9 @@ from transformers import set_seed
 
 import exp04_em_sft
 from chat import render
-from common import (add_precision_flag, answer_logprobs, choice_probabilities, existing_file, experiment_parser,
-                    fail, input_device, load_checkpoint, load_jsonl, load_model, mixed_precision, new_figure,
-                    parse_args, positive_int, seed_list, stratified_order, write_results)
+from common import (add_precision_flag, answer_logprobs, existing_file, experiment_parser, fail, input_device,
+                    load_checkpoint, load_jsonl, load_model, mixed_precision, new_figure, parse_args, positive_int,
+                    score_completions, seed_list, stratified_order, write_results)
 from stats import seeds_questions_ci
 
 EXPERIMENT = "exp05_confidence"
@@ -98,9 +98,10 @@ def main(argv=None):
         labelled = [i for i, r in enumerate(graded) if r["label"] != "borderline"]
         probe["graded_accuracy"] = float(np.mean([(probe["scores"][i] > 0) == (graded[i]["label"] == "medical")
                                                   for i in labelled]))
-        prompted = np.array([choice_probabilities(model, tokenizer, render(tokenizer, [{"role": "user", "content":
-                             MEDICAL_PROMPT.format(question=q)}]), {"yes": ["Yes"], "no": ["No"]})["yes"]
-                             for q in questions])
+        asked = [render(tokenizer, [{"role": "user", "content": MEDICAL_PROMPT.format(question=q)}]) for q in questions]
+        yes_no, _, _ = score_completions(model, tokenizer, [p for p in asked for _ in range(2)],
+                                         ["Yes", "No"] * len(asked))
+        prompted = 1 / (1 + np.exp(yes_no[1::2] - yes_no[::2]))  # P(Yes), normalised over Yes and No
 
         # 3. The four models per seed (exp04's general and narrow reused or trained; rule 2 and its control here).
         runs = exp04_em_sft.train_runs(exp04_args, model, tokenizer, ARMS)
