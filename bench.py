@@ -31,6 +31,7 @@ that noise from other work on the machine cancels as far as it can:
                (autocast, attention on the math kernel) against plain autocast (PyTorch's default attention
                kernel, flash) and against fp32, interleaved batch by batch; and the three losses on one batch
                at the same weights (rounding only). Figures: bf16_step_vs_autocast, bf16_step_vs_fp32.
+               Skipped on a CPU without native bf16 (AVX512-BF16 or AMX), where --precision auto runs fp32.
 8. cold_start  loading the offline model the first time (de-quantising the GGUF into a temporary
                EXPERIMENTS_CACHE, the user's cache untouched) and then from that cache, each in a fresh
                process. Figure: cached_load_s. With --quick the KL processes run during the first load
@@ -934,6 +935,11 @@ def main(argv=None):
         workloads.remove("cold_start")
     if "precision" in workloads and args.gpu is not None:
         record["errors"]["precision"] = "precision compares CPU kernels (a GPU loads bf16 weights, no autocast)"
+        workloads.remove("precision")
+    elif "precision" in workloads and common.resolve_precision("auto", None) == "fp32":
+        record["errors"]["precision"] = ("precision times bf16 on a CPU that computes it natively; this one has "
+                                         "neither AVX512-BF16 nor AMX, so --precision auto runs fp32 here and an "
+                                         "emulated bf16 step takes tens of times longer than fp32")
         workloads.remove("precision")
     overlap = args.quick and "kl" in workloads and "cold_start" in workloads
     if overlap:  # one step for both, where kl stands

@@ -5,6 +5,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 import bench
 import common
@@ -139,6 +140,16 @@ def test_precision_workload_times_every_variant_on_the_same_batches_and_their_lo
     losses = result["loss_same_weights"]
     assert losses["ours_bf16"] != losses["fp32"]  # bf16 did run
     assert abs(result["loss_ours_minus_autocast"]) < 0.02 and abs(result["loss_ours_minus_fp32"]) < 0.05
+
+
+def test_precision_workload_is_skipped_with_its_reason_on_a_cpu_without_native_bf16(monkeypatch, tmp_path):
+    """Emulated bf16 is what --precision auto avoids there, and one emulated step takes minutes: --quick must
+    not spend them timing a path no run takes."""
+    for check in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):
+        monkeypatch.setattr(torch.cpu, check, lambda: False)
+    record = bench.main(["--quick", "--workloads", "precision", "--out", str(tmp_path / "bench.json")])
+    assert record["workloads"] == {} and "AVX512-BF16" in record["errors"]["precision"]
+    assert record["targets_met"]["bf16_step_vs_autocast"] is False  # not measured is not met
 
 
 def test_parser_has_the_experiment_flags_and_refuses_unknown_workloads(capsys):
