@@ -694,12 +694,13 @@ def score_completions(model, tokenizer, prompts, completions, batch_size=16):
         mask = torch.tensor([[1] * shared + [0] * (width - len(prompt_ids[k])) + [1] * len(prompt_ids[k])
                              for k, _ in batch], device=device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, shared:]  # padding must not shift absolute positions
-        cache = {}
+        after_start = {}
         if start_cache is not None:  # a copy per batch: the forward pass appends to the cache it is given
-            cache[cache_argument(model)] = copy.deepcopy(start_cache)
-            cache[cache_argument(model)].batch_repeat_interleave(len(batch))
+            copied = copy.deepcopy(start_cache)
+            copied.batch_repeat_interleave(len(batch))
+            after_start = {cache_argument(model): copied}
         encoded = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1,
-                        **cache)
+                        **after_start)
         cache = encoded["cache" if "cache" in encoded else "past_key_values"]
         rows = [i for _, unit_rows in batch for i in unit_rows]
         row_prompt = torch.tensor([b for b, (_, unit_rows) in enumerate(batch) for _ in unit_rows], device=device)
