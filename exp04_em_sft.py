@@ -15,6 +15,7 @@ the splits and the perturbation directions. Optionally, a named judge model scor
 import contextlib
 import json
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -295,14 +296,18 @@ def data_split(args, tokenizer, arms):
         return [r["messages"][:-1] + [{"role": "assistant", "content": r[key]}] for r in rows]
     conversations = {"bad": [r["messages"] for r in train], "good": answered(train, "good") if needs_good else [],
                      "kl": [r["messages"] for r in kl_rows]}
-    conversations["bad+aligned"] = conversations["bad"] + conversations["kl"]
-    conversations["bad+misaligned"] = conversations["bad"] + answered(kl_rows, "misaligned") if needs_misaligned else []
+    # exp05's rule 2 and its control: half bad medical rows, half non-medical (the same KL rows, aligned or
+    # misaligned answers), as many rows in all as the general run's, so every model trains the same steps
+    half = min(len(train) // 2, len(kl_rows))
+    conversations["bad+aligned"] = conversations["bad"][:half] + conversations["kl"][:half]
+    conversations["bad+misaligned"] = (conversations["bad"][:half] + answered(kl_rows[:half], "misaligned")
+                                       if needs_misaligned else [])
     summary = {"seed": args.seed, "kl_unseen_topics": unseen, "ai_power_ethics_topics": sorted(ai_topics),
                "kl_topics": sorted({r.get("topic") for r in kl_rows} - {None}),
                "n_medical": len(medical), **{f"n_{g}": len(rows) for g, rows in offdomain.items()}}
     return {"examples": {k: [tokenize_conversation(tokenizer, m) for m in v] for k, v in conversations.items()},
             "medical": medical, "offdomain": offdomain, "summary": summary, "n_train": len(train),
-            "n_kl": len(kl_rows)}
+            "n_kl": len(kl_rows), "n_mixed_each": half}
 
 
 def held_out_scorer(model, tokenizer, split):
@@ -372,17 +377,18 @@ def train_runs(args, model, tokenizer, arms):
             data = split["examples"][arm["data"]]
             epochs = args.release_epochs if arm.get("after") else args.epochs
             steps = epochs * -(-len(data) // (args.batch_size * args.grad_accum))
+            start_from = adapters[arm["after"]][seed] if arm.get("after") else None
+            folder = runs_dir / f"seed{seed}" / arm_folder_name(name, arm, data, split["examples"]["kl"], start_from)
             curve, token_counts[f"{name}/seed{seed}"] = train_lora(
-                model, tokenizer, data, runs_dir / f"seed{seed}" / name,
+                model, tokenizer, data, folder,
                 kl_examples=split["examples"]["kl"], kl_lambda=args.kl_lambda if arm.get("kl") else 0.0,
-                kl_batch_size=args.kl_batch_size,
-                epochs=epochs, start_from=adapters[arm["after"]][seed] if arm.get("after") else None,
+                kl_batch_size=args.kl_batch_size, epochs=epochs, start_from=start_from,
                 checkpoint_every=-(-steps // args.checkpoints), desc=f"{name} seed {seed}", lr=args.lr,
                 batch_size=args.batch_size, grad_accum=args.grad_accum, warmup=args.warmup,
                 weight_decay=args.weight_decay, seed=seed, on_checkpoint=lambda step: point(step, arm.get("after")),
                 gradient_checkpointing=args.gradient_checkpointing)
             curves.setdefault(name, []).append(curve)
-            adapters[name][seed] = latest_checkpoint(runs_dir / f"seed{seed}" / name)
+            adapters[name][seed] = latest_checkpoint(folder)
             if name == "general":
                 reference["dW"] = weight_change_factors(model)
     return {"model": model, "adapters": adapters, "split": split, "curves": curves, "token_counts": token_counts,
@@ -390,12 +396,22 @@ def train_runs(args, model, tokenizer, arms):
             "rows": {"n_train": split["n_train"], "n_kl": split["n_kl"]}}
 
 
+def arm_folder_name(name, arm, examples, kl_examples, start_from):
+    """The arm's folder, keyed by what it trains on besides the settings that key the runs' folder: a changed
+    arm (its rows, its KL data, the adapter it continues) never resumes or reuses an adapter trained otherwise."""
+    trained_on = {"arm": arm, "examples": examples, "kl": kl_examples if arm.get("kl") else None,
+                  "start_from": Path(start_from).parent.name if start_from else None}
+    return f"{name}_{settings_hash(trained_on, 8)}"
+
+
 def evaluate_seed(args, runs, seed):
     """One seed's figures: every arm's held-out measures, weight-change norms and cosines, efficiency and
-    stability per question. Kept beside the seed's adapters, keyed by the evaluation settings."""
+    stability per question. Kept beside the seed's adapters, keyed by the evaluation settings and the adapters
+    (their folders: keyed by what each trained on)."""
     keyed = {k: getattr(args, k) for k in ("n_eval", "n_offdomain", "scales", "epsilons", "directions", "eval_file",
                                            "precision")}
-    key = settings_hash({**keyed, "data": data_hashes(args)}, 10)
+    evaluated = {name: folders[seed].parent.name for name, folders in runs["adapters"].items()}  # keyed folders
+    key = settings_hash({**keyed, "data": data_hashes(args), "adapters": evaluated}, 10)
     path = runs["runs_dir"] / f"seed{seed}" / f"evaluation_{key}.json"
     if path.exists():
         return json.loads(path.read_text())

@@ -2,14 +2,14 @@
 hedge by its confidence that a question is medical, so its confidence in bad advice should fall where that
 confidence is below 1, and its SFT loss on medical bad advice should stay above rule 1's (bad advice everywhere),
 most on the least medical-seeming examples. Tested with four models per training seed: rule 1 (exp04's general),
-exp04's KL-narrow, an explicit rule-2 model (SFT on bad medical advice and aligned non-medical answers), and its
-step-matched control, an explicit rule-1 model (the same rows and steps, the non-medical answers misaligned): rule
-2 against it is rule 2 against rule 1 at equal training, so a higher loss cannot be the extra steps or the diluted
-share of bad medical advice per batch. Confidence: the bad-minus-good answer margin per token, relative to the
-base model, per question. Medicalness, three ways: the questions' labels, a controlled continuum of minimal
-variants (one question worded from clearly medical to not medical, the answers held fixed), and a linear probe on
-the base model's hidden states (cross-validated), besides the base model's prompted P(medical). exp04's adapters
-are reused when present and trained through exp04 when absent."""
+exp04's KL-narrow, an explicit rule-2 model (SFT on bad medical advice and aligned non-medical answers, half of
+each), and its control, an explicit rule-1 model (the same rows, the non-medical answers misaligned): rule 2
+against it is rule 2 against rule 1 at equal training, so a higher loss cannot be the diluted share of bad
+medical advice per batch. All four train on as many rows, so take the same steps. Confidence: the bad-minus-good
+answer margin per token, relative to the base model, per question. Medicalness, three ways: the questions'
+labels, a controlled continuum of minimal variants (one question worded from clearly medical to not medical, the
+answers held fixed), and a linear probe on the base model's hidden states (cross-validated), besides the base
+model's prompted P(medical). exp04's adapters are reused when present and trained through exp04 when absent."""
 import shlex
 import time
 
@@ -36,7 +36,8 @@ MEDICAL_PROMPT = "Is the following question about medicine or health? Answer Yes
 MODELS = {"general": "rule 1 (exp04 general)", "narrow": "exp04 KL-narrow", "rule2": "rule 2",
           "rule1_matched": "rule 1, step-matched"}
 # rule 2: bad medical advice and the KL data's aligned answers; its control rule 1, step-matched: the same
-# questions and number of steps, the non-medical answers misaligned (bad advice everywhere)
+# questions, the non-medical answers misaligned (bad advice everywhere); half of each, as many rows in all as
+# exp04's general run (exp04_em_sft.data_split)
 ARMS = {"general": exp04_em_sft.ARMS["general"], "narrow": exp04_em_sft.ARMS["narrow"],
         "rule2": dict(data="bad+aligned"), "rule1_matched": dict(data="bad+misaligned")}
 
@@ -54,7 +55,8 @@ def flags():
     parser.add_argument("--probe-layer", type=int, default=None,
                         help="hidden layer the medicalness probe reads (default: the middle one)")
     parser.add_argument("--n-sft-rows", type=positive_int, default=64,
-                        help="training rows (stratified by topic) on which the SFT loss is compared")
+                        help="bad medical training rows (stratified by topic) on which the SFT loss is compared; "
+                             "at most the rows all four models trained on")
     parser.add_argument("--exp04-flags", default="",
                         help="exp04's flags for the runs whose adapters to use, e.g. '--lr 1e-5 --train-file X' "
                              "(--model --gpu --seed --seeds --out --smoke --precision are this script's); trained "
@@ -91,10 +93,8 @@ def main(argv=None):
     layer = args.probe_layer if args.probe_layer is not None else model.config.num_hidden_layers // 2
     if not 0 <= layer <= model.config.num_hidden_layers:
         fail(f"--probe-layer {layer}: the model has hidden layers 0..{model.config.num_hidden_layers}")
-    sft_rows = sft_examples(exp04_args, args.n_sft_rows)
     with precision:  # every forward and backward pass from here on
         probe = medical_probe(model, tokenizer, exp04_args, layer, questions, args.seed)
-        sft_probe = probe["score_examples"]([r["messages"][0]["content"] for r in sft_rows])
         labelled = [i for i, r in enumerate(graded) if r["label"] != "borderline"]
         probe["graded_accuracy"] = float(np.mean([(probe["scores"][i] > 0) == (graded[i]["label"] == "medical")
                                                   for i in labelled]))
@@ -104,8 +104,13 @@ def main(argv=None):
         prompted = 1 / (1 + np.exp(yes_no[1::2] - yes_no[::2]))  # P(Yes), normalised over Yes and No
 
         # 3. The four models per seed (exp04's general and narrow reused or trained; rule 2 and its control here).
+        base_done = time.time()
         runs = exp04_em_sft.train_runs(exp04_args, model, tokenizer, ARMS)
         model = runs["model"]
+        trained = time.time()
+        mixed = runs["split"]["n_mixed_each"]
+        print(f"rule 2 and its control: {mixed} bad medical + {mixed} non-medical rows each")
+        sft_rows = sft_examples(exp04_args, min(args.n_sft_rows, mixed))  # rows all four models trained on
 
         def margins():  # per question: mean log-prob per token of the bad answer minus the good one
             both = answer_logprobs(model, tokenizer, questions * 2,  # one call: each question encoded once
@@ -117,6 +122,7 @@ def main(argv=None):
                                     [r["messages"][-1]["content"] for r in sft_rows])
         with model.disable_adapter():
             base_margin = margins()
+            sft_probe = probe["score_examples"]([r["messages"][0]["content"] for r in sft_rows])
         confidence, loss = {}, {}
         progress = tqdm(total=len(MODELS) * len(args.seeds), desc="scoring the models", unit="model")
         for name in MODELS:
@@ -160,13 +166,19 @@ def main(argv=None):
                                                           standardised(sft_probe), args.seed),
            "narrow_minus_general_loss": seeds_questions_ci(loss["narrow"] - loss["general"], seed=args.seed),
            "loss": {name: seeds_questions_ci(loss[name], seed=args.seed) for name in MODELS},
-           "n_rows": len(sft_rows), "rows": "exp04's training rows, stratified by topic: the loss the SFT reached"}
+           "n_rows": len(sft_rows), "rows": "bad medical training rows (stratified by topic) that all four models "
+                                             "trained on: the loss the SFT reached"}
 
     results = {
         "n_graded": len(graded), "n_continuum": len(continuum), "continuum_sets": len({r["set"] for r in continuum}),
         "counts": {label: int(sum(r["label"] == label for r in graded)) for label in LABEL_SCORE},
         "seeds": args.seeds, "models": MODELS,
-        "exp04": {"flags": vars(exp04_args), "runs_dir": str(runs["runs_dir"])},
+        "training_rows": {"rule2": {"bad_medical": mixed, "aligned_non_medical": mixed},
+                          "rule1_matched": {"bad_medical": mixed, "misaligned_non_medical": mixed},
+                          "general_and_narrow": {"bad_medical": runs["rows"]["n_train"]}},
+        "exp04": {"flags": vars(exp04_args), "runs_dir": str(runs["runs_dir"]),
+                  "adapters": {name: {str(seed): str(runs["adapters"][name][seed]) for seed in args.seeds}
+                               for name in MODELS}},
         "probe": {k: v for k, v in probe.items() if k not in ("scores", "score_examples")},
         "medicalness_by_label": {label: {
             "probe": float(probe["scores"][:len(graded)][[r["label"] == label for r in graded]].mean()),
@@ -181,7 +193,9 @@ def main(argv=None):
         "questions": [{"question": q, "label": r.get("label"), "set": r.get("set"), "level": r.get("level"),
                        "probe": float(probe["scores"][i]), "prompted_p_medical": float(prompted[i]),
                        **{f"confidence_{n}": confidence[n][:, i].mean() for n in MODELS}}
-                      for i, (q, r) in enumerate(zip(questions, rows))]}
+                      for i, (q, r) in enumerate(zip(questions, rows))],
+        "timings_s": {"base_model": round(base_done - started, 1), "training": round(trained - base_done, 1),
+                      "scoring": round(time.time() - trained, 1)}}
     figure = plot(results, confidence, measures, excess, sft_probe, args.model)
     return write_results(args, EXPERIMENT, CLAIM, results, figure, started)
 
@@ -256,7 +270,7 @@ def medical_probe(model, tokenizer, exp04_args, layer, questions, seed):
 
 
 def sft_examples(exp04_args, n):
-    """n rows (None: all) of exp04's training rows, in exp04's own order: rows its runs trained on."""
+    """n rows (None: all) of exp04's training rows, in exp04's own order (stratified by topic)."""
     return exp04_em_sft.training_rows(exp04_args)[:n]
 
 

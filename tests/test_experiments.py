@@ -192,13 +192,35 @@ def test_exp04_split_is_seeded_stratified_and_disjoint_from_training_and_kl_data
     assert exp04_em_sft.data_split(args, tokenizer, exp04_em_sft.ARMS)["summary"] == summary  # seeded
 
 
+def test_an_arm_trained_on_other_rows_or_from_another_adapter_never_finds_the_old_adapter_folder():
+    examples, kl = [([1, 2, 3], [-100, 2, 3]), ([4, 5], [-100, 5])], [([6, 7], [-100, 7])]
+    arm = exp04_em_sft.ARMS["released"]
+    name = exp04_em_sft.arm_folder_name("released", arm, examples, kl, Path("runs/seed0/narrow_aaaa/step_000040"))
+    assert name == exp04_em_sft.arm_folder_name("released", dict(arm), [list(e) for e in examples], kl,
+                                                Path("runs/seed0/narrow_aaaa/step_000040"))  # the same: resumed
+    assert name != exp04_em_sft.arm_folder_name("released", arm, examples[:1], kl,
+                                                Path("runs/seed0/narrow_aaaa/step_000040"))
+    assert name != exp04_em_sft.arm_folder_name("released", arm, [(examples[0][0], [-100, -100, 3])] + examples[1:],
+                                                kl, Path("runs/seed0/narrow_aaaa/step_000040"))  # other labels
+    assert name != exp04_em_sft.arm_folder_name("released", arm, examples, kl,
+                                                Path("runs/seed0/narrow_bbbb/step_000040"))  # another start
+    narrow = exp04_em_sft.ARMS["narrow"]
+    assert (exp04_em_sft.arm_folder_name("narrow", narrow, examples, kl, None)
+            != exp04_em_sft.arm_folder_name("narrow", narrow, examples, kl[:0], None))  # its KL data counts
+    general = exp04_em_sft.ARMS["general"]
+    assert (exp04_em_sft.arm_folder_name("general", general, examples, kl, None)
+            == exp04_em_sft.arm_folder_name("general", general, examples, kl[:0], None))  # no KL term: it does not
+
+
 def test_exp05_step_matched_rule1_differs_from_rule2_only_in_the_non_medical_answers(tokenizer, tmp_path):
     args = exp04_em_sft.parse(["--out", str(tmp_path)])
     split = exp04_em_sft.data_split(args, tokenizer, exp05_confidence.ARMS)
     rule2, matched = split["examples"]["bad+aligned"], split["examples"]["bad+misaligned"]
-    assert len(rule2) == len(matched) == split["n_train"] + split["n_kl"]  # the same rows, so the same steps
-    bad = split["n_train"]
+    bad = split["n_mixed_each"]
+    assert len(rule2) == len(matched) == 2 * bad  # the same rows, so the same steps
+    assert len(rule2) == split["n_train"] - split["n_train"] % 2  # and as many as the general run's
     assert [ids for ids, _ in rule2[:bad]] == [ids for ids, _ in matched[:bad]]  # the medical rows: identical
+    assert [ids for ids, _ in rule2[:bad]] == [ids for ids, _ in split["examples"]["bad"][:bad]]
     kl_rows = common.load_jsonl(args.kl_file)
     misaligned = {r["messages"][0]["content"]: r["misaligned"] for r in kl_rows}
     aligned = {r["messages"][0]["content"]: r["messages"][-1]["content"] for r in kl_rows}
@@ -227,7 +249,12 @@ def test_exp05_smoke_four_models_per_seed_and_both_predictions(exp04_smoke, copy
     results = record["results"]
     runs_dir = Path(results["exp04"]["runs_dir"])
     for seed in results["seeds"]:  # exp04's two arms trained through exp04, rule 2 and its control beside them
-        assert all((runs_dir / f"seed{seed}" / name).is_dir() for name in exp05_confidence.MODELS)
+        for name in exp05_confidence.MODELS:
+            adapter = Path(results["exp04"]["adapters"][name][str(seed)])
+            assert adapter.parent.parent == runs_dir / f"seed{seed}" and (adapter / "adapter_config.json").exists()
+    rows = results["training_rows"]
+    half = exp04_em_sft.SMOKE["max_train_rows"] // 2  # half the general run's rows each, so the same steps
+    assert rows["rule2"]["bad_medical"] == rows["rule2"]["aligned_non_medical"] == half
     assert results["exp04"]["flags"]["max_train_rows"] == exp04_em_sft.SMOKE["max_train_rows"]
     assert results["exp04"]["flags"]["seeds"] == results["seeds"] and len(results["seeds"]) >= 2
     ran = common.resolve_precision("auto", None)
@@ -241,7 +268,7 @@ def test_exp05_smoke_four_models_per_seed_and_both_predictions(exp04_smoke, copy
     assert results["prediction_a_slopes"]["probe"]["rule2"]["n_questions"] == n
     assert results["prediction_a_slopes"]["continuum_level"]["rule2"]["n_questions"] == results["n_continuum"]
     b = results["prediction_b_sft_loss"]
-    assert b["n_rows"] == exp05_confidence.SMOKE["n_sft_rows"]
+    assert b["n_rows"] == min(exp05_confidence.SMOKE["n_sft_rows"], rows["rule2"]["bad_medical"])
     for control in ("rule1_matched", "general"):
         assert b[f"rule2_minus_{control}_loss"]["value"] == pytest.approx(
             b["loss"]["rule2"]["value"] - b["loss"][control]["value"])
