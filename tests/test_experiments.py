@@ -194,14 +194,13 @@ def test_exp04_split_is_seeded_stratified_and_disjoint_from_training_and_kl_data
 
 def test_an_arm_trained_on_other_rows_or_from_another_adapter_never_finds_the_old_adapter_folder():
     examples, kl = [([1, 2, 3], [-100, 2, 3]), ([4, 5], [-100, 5])], [([6, 7], [-100, 7])]
-    arm = exp04_em_sft.ARMS["released"]
-    name = exp04_em_sft.arm_folder_name("released", arm, examples, kl, Path("runs/seed0/narrow_aaaa/step_000040"))
+    arm, start = exp04_em_sft.ARMS["released"], Path("runs/seed0/narrow_aaaa/step_000040")
+    name = exp04_em_sft.arm_folder_name("released", arm, examples, kl, start)
     assert name == exp04_em_sft.arm_folder_name("released", dict(arm), [list(e) for e in examples], kl,
-                                                Path("runs/seed0/narrow_aaaa/step_000040"))  # the same: resumed
-    assert name != exp04_em_sft.arm_folder_name("released", arm, examples[:1], kl,
-                                                Path("runs/seed0/narrow_aaaa/step_000040"))
+                                                start)  # the same: resumed
+    assert name != exp04_em_sft.arm_folder_name("released", arm, examples[:1], kl, start)
     assert name != exp04_em_sft.arm_folder_name("released", arm, [(examples[0][0], [-100, -100, 3])] + examples[1:],
-                                                kl, Path("runs/seed0/narrow_aaaa/step_000040"))  # other labels
+                                                kl, start)  # other labels
     assert name != exp04_em_sft.arm_folder_name("released", arm, examples, kl,
                                                 Path("runs/seed0/narrow_bbbb/step_000040"))  # another start
     narrow = exp04_em_sft.ARMS["narrow"]
